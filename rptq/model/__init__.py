@@ -1,0 +1,1 @@
+"""OPT architecture: shape checks, weight loading and the functional forward pass."""

@@ -1,0 +1,119 @@
+"""Every ONNX node, tensor and initializer name rptq creates is made here.
+
+Names are the Hugging Face module path plus a role, so a pass finds "layer 3 fc1 weight" as
+`model.decoder.layers.3.fc1.weight` without pattern guessing. docs/naming.md documents the
+scheme; golden tests pin it. Conventions:
+
+- initializer of a linear:  `<module>.weight` (stored transposed, [in, out], as MatMul's B),
+  `<module>.bias`; LayerNorm: `<module>.weight`, `<module>.bias` (gamma, beta)
+- node:                     `<module>/<role>` (role is the op type, or a word when a module
+                            holds several nodes of one type)
+- activation tensor:        `<module>/<role>` where module/role come from ACT_TENSOR
+- Q/DQ on an activation:    `<act tensor>/QuantizeLinear`, `<act tensor>/DequantizeLinear`,
+                            initializers `<act tensor>/scale`, `<act tensor>/zero_point`
+- reorder of a LayerNorm input: node `<ln module>/<R>/Gather`, indices `<ln module>/<R>/perm`
+- quantized weight: `<module>.weight_quantized` (+ `_scale`, `_zero_point`), node
+  `<module>/weight/DequantizeLinear`, output `<module>.weight_dequantized`
+"""
+
+from __future__ import annotations
+
+from rptq.points import Act, Reorder
+
+GRAPH_INPUT_IDS = "input_ids"
+GRAPH_ATTENTION_MASK = "attention_mask"
+GRAPH_LOGITS = "logits"
+
+DECODER = "model.decoder"
+EMBED_TOKENS = f"{DECODER}.embed_tokens"
+EMBED_POSITIONS = f"{DECODER}.embed_positions"
+FINAL_LAYER_NORM = f"{DECODER}.final_layer_norm"
+LM_HEAD = "lm_head"
+MASK_MODULE = f"{DECODER}.attention_mask"
+
+# Activation -> (module under the layer, role): the tensor's name is f"{layer}.{module}/{role}".
+ACT_TENSOR: dict[Act, tuple[str, str]] = {
+    Act.ATTN_LN_OUT: ("self_attn_layer_norm", "output"),
+    Act.Q_PROJ_OUT: ("self_attn.q_proj", "output"),
+    Act.Q: ("self_attn", "q"),
+    Act.K: ("self_attn", "k"),
+    Act.V: ("self_attn", "v"),
+    Act.ATTN_PROBS: ("self_attn", "attn_probs"),
+    Act.OUT_PROJ_IN: ("self_attn.out_proj", "input"),
+    Act.FFN_LN_OUT: ("final_layer_norm", "output"),
+    Act.FC2_IN: ("fc2", "input"),
+}
+
+
+def layer(index: int) -> str:
+    """Module path of decoder layer `index`."""
+    return f"{DECODER}.layers.{index}"
+
+
+def module(index: int, name: str) -> str:
+    """Module path of `name` (e.g. "self_attn.q_proj", "fc1") inside decoder layer `index`."""
+    return f"{layer(index)}.{name}"
+
+
+def node(module_path: str, role: str) -> str:
+    """Name of a node: module path plus its role."""
+    return f"{module_path}/{role}"
+
+
+def tensor(module_path: str, role: str) -> str:
+    """Name of an intermediate tensor produced inside a module."""
+    return f"{module_path}/{role}"
+
+
+def weight(module_path: str) -> str:
+    """Initializer of a linear's weight (transposed, [in, out]) or a LayerNorm's gamma."""
+    return f"{module_path}.weight"
+
+
+def bias(module_path: str) -> str:
+    """Initializer of a linear's bias or a LayerNorm's beta."""
+    return f"{module_path}.bias"
+
+
+def act_tensor(index: int, act: Act) -> str:
+    """Name of activation `act` of layer `index` in the exported graph."""
+    sub, role = ACT_TENSOR[act]
+    return tensor(module(index, sub), role)
+
+
+def qdq(act_name: str) -> dict[str, str]:
+    """Names of the Q/DQ pair (and its initializers) inserted on activation tensor `act_name`."""
+    return {
+        "quantize": f"{act_name}/QuantizeLinear",
+        "dequantize": f"{act_name}/DequantizeLinear",
+        "quantized": f"{act_name}/quantized",
+        "dequantized": f"{act_name}/dequantized",
+        "scale": f"{act_name}/scale",
+        "zero_point": f"{act_name}/zero_point",
+        "clip_min": f"{act_name}/clip_min",
+        "clip_max": f"{act_name}/clip_max",
+        "clip_min_node": f"{act_name}/Max",
+        "clip_max_node": f"{act_name}/Min",
+        "clipped_low": f"{act_name}/clipped_low",
+        "clipped": f"{act_name}/clipped",
+    }
+
+
+def reorder_gather(ln_module: str, point: Reorder) -> dict[str, str]:
+    """Names of the Gather that reorders a LayerNorm's input for reorder point `point`."""
+    return {
+        "node": f"{ln_module}/{point}/Gather",
+        "perm": f"{ln_module}/{point}/perm",
+        "output": f"{ln_module}/{point}/input",
+    }
+
+
+def quantized_weight(module_path: str) -> dict[str, str]:
+    """Names of a linear weight stored as integer codes plus its DequantizeLinear."""
+    return {
+        "codes": f"{module_path}.weight_quantized",
+        "scale": f"{module_path}.weight_scale",
+        "zero_point": f"{module_path}.weight_zero_point",
+        "node": f"{module_path}/weight/DequantizeLinear",
+        "output": f"{module_path}.weight_dequantized",
+    }

@@ -1,0 +1,1 @@
+"""Numpy-only quantization maths: the single source of truth for grids, clusters and folds."""
