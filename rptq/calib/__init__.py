@@ -1,0 +1,1 @@
+"""Calibration: statistics, clustering, activation ranges and weight codes, layer by layer."""

@@ -1,0 +1,222 @@
+"""The layer-wise calibration loop (GPTQ's opt_sequential pattern, RPTQ's per-layer steps).
+
+Only one decoder layer is held in fp32 at a time, plus the calibration activations [N, T, d]
+entering it; each row is pushed through the layer on its own. Per layer (RPTQ section 2.2):
+
+1. statistics pass on the float layer: global per-channel (max, min) at R1..R5;
+2. clustering: KMeans per reorder point -> permutation and cluster sizes;
+3. activation calibration pass (float layer): per-cluster ranges -> scales and zero points;
+4. weights: round-to-nearest codes per output row;
+5. output pass with fake-quantized weights and activations: the next layer's inputs.
+
+So activation ranges of layer i are measured inside the float layer i, on the quantized outputs
+of layers 0..i-1, as in RPTQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from rptq.calib.cluster import cluster_channels, fixed_clusters
+from rptq.calib.observers import ChannelRangeObserver, ClusterRangeObserver
+from rptq.errors import ConfigError
+from rptq.model.fakequant import FakeQuantTap, apply_weights
+from rptq.model.forward import causal_mask, decoder_layer, embed, read_layer
+from rptq.model.load import LoadedModel
+from rptq.model.shape import OptShape
+from rptq.model.weights import layer_prefix
+from rptq.plan import (
+    ActQuant,
+    Granularity,
+    ModelRef,
+    QuantPlan,
+    Recipe,
+    ReorderSite,
+    WeightQuant,
+    default_provenance,
+)
+from rptq.points import LINEARS, REORDERS, SITE_OF, Act, Reorder
+from rptq.quant.clusters import cluster_of_channel
+from rptq.quant.qparams import affine_params, quantize_rows
+
+log = logging.getLogger(__name__)
+
+# attn_probs lies in [0, 1]: RPTQ's fix0to1 grid round(255 P) / 255 is, on the signed 8-bit grid,
+# scale 1/255 with zero point -128 (codes -128..127 <-> 0..255).
+PROBS_SCALE = np.array([1 / 255], dtype=np.float32)
+PROBS_ZERO = np.array([-128], dtype=np.int32)
+
+ProgressFn = Callable[[int, int], None]
+
+
+def check_recipe_fits(recipe: Recipe, shape: OptShape) -> None:
+    """Reject cluster counts the model cannot have, before any expensive work."""
+    if recipe.granularity is not Granularity.CLUSTER:
+        return
+    for point, spec in REORDERS.items():
+        channels = shape.width(spec.width)
+        per_group = shape.head_dim if spec.per_head else channels
+        k = recipe.clusters[str(point)]
+        if k > per_group:
+            where = (
+                f"per head ({per_group} channels each)" if spec.per_head else f"{channels} channels"
+            )
+            raise ConfigError(
+                f"--clusters {point}={k} is more than the model has ({where}); "
+                f"use at most {per_group}"
+            )
+    if recipe.seq_len > shape.max_positions:
+        raise ConfigError(
+            f"--seq-len {recipe.seq_len} exceeds the model's {shape.max_positions} positions"
+        )
+
+
+def needed_points(recipe: Recipe) -> list[Reorder]:
+    """Reorder points whose clusters some quantized activation uses."""
+    acts = set(recipe.quantized_acts)
+    return [p for p, spec in REORDERS.items() if acts & set(spec.quantized)]
+
+
+def _site(
+    layer: int, point: Reorder, stats: ChannelRangeObserver, recipe: Recipe, shape: OptShape
+) -> ReorderSite:
+    spec = REORDERS[point]
+    channels = shape.width(spec.width)
+    if recipe.granularity is not Granularity.CLUSTER:
+        perm, sizes = fixed_clusters(channels, recipe.granularity)
+        return ReorderSite(layer, point, perm, sizes)
+    # One point per channel: (max, min) per statistic tensor, maxima first (R2: qmax, kmax,
+    # qmin, kmin, so q and k share one clustering).
+    columns = [stats.max[a] for a in spec.stats_from] + [stats.min[a] for a in spec.stats_from]
+    points = torch.stack(columns, dim=1).double().cpu().numpy()
+    groups = shape.num_heads if spec.per_head else 1
+    perm, sizes = cluster_channels(points, groups, recipe.clusters[str(point)])
+    return ReorderSite(layer, point, perm, sizes)
+
+
+def _act_quants(layer: int, observer: ClusterRangeObserver, recipe: Recipe) -> list[ActQuant]:
+    out = []
+    for act in recipe.quantized_acts:
+        bits = recipe.bits_of(act)
+        if act is Act.ATTN_PROBS:
+            out.append(ActQuant(layer, act, bits, PROBS_SCALE.copy(), PROBS_ZERO.copy()))
+            continue
+        lo = observer.min[act].double().cpu().numpy()
+        hi = observer.max[act].double().cpu().numpy()
+        scale, zero = affine_params(lo, hi, bits)
+        out.append(ActQuant(layer, act, bits, scale, zero))
+    return out
+
+
+def _weight_quants(layer: int, weights: dict[str, torch.Tensor], bits: int) -> list[WeightQuant]:
+    out = []
+    for linear in LINEARS:
+        codes, scale, zero = quantize_rows(weights[f"{linear}.weight"].numpy(), bits)
+        out.append(WeightQuant(f"{layer_prefix(layer)}.{linear}", bits, codes, scale, zero))
+    return out
+
+
+def calibrate(
+    model: LoadedModel,
+    windows: torch.Tensor,
+    recipe: Recipe,
+    device: str = "cpu",
+    progress: ProgressFn | None = None,
+) -> QuantPlan:
+    """Run RPTQ calibration on `windows` [N, T] and return the quantization plan."""
+    shape = model.shape
+    check_recipe_fits(recipe, shape)
+    rows, length = windows.shape
+    mask = torch.ones(1, length, dtype=torch.long, device=device)
+    additive = causal_mask(mask, torch.float32)
+    with torch.no_grad():
+        hidden = torch.cat(
+            [embed(windows[n : n + 1].to(device), mask, model.weights) for n in range(rows)]
+        )
+    points = needed_points(recipe)
+    stat_acts = {a for p in points for a in REORDERS[p].stats_from}
+    sites: list[ReorderSite] = []
+    acts: list[ActQuant] = []
+    weights: list[WeightQuant] = []
+    started = time.perf_counter()
+    for i in range(shape.num_layers):
+        layer_weights = read_layer(model.weights, i, device=device)
+        with torch.no_grad():
+            layer_sites = _calibrate_sites(
+                i, hidden, layer_weights, additive, shape, recipe, points, stat_acts
+            )
+            layer_acts = _calibrate_acts(
+                i, hidden, layer_weights, additive, shape, recipe, layer_sites
+            )
+            layer_wq = _weight_quants(i, layer_weights, recipe.wbits) if recipe.wbits < 16 else []
+            quant_weights = apply_weights(
+                layer_weights, {w.fqn.split(f"{layer_prefix(i)}.", 1)[1]: w for w in layer_wq}
+            )
+            tap = FakeQuantTap.for_layer(layer_acts, {s.point: s for s in layer_sites})
+            for n in range(rows):
+                hidden[n : n + 1] = decoder_layer(
+                    hidden[n : n + 1], quant_weights, additive, shape, tap
+                )
+        sites += layer_sites
+        acts += layer_acts
+        weights += layer_wq
+        log.debug("layer %d calibrated (%.1f s elapsed)", i, time.perf_counter() - started)
+        if progress is not None:
+            progress(i + 1, shape.num_layers)
+        del layer_weights, quant_weights
+    return QuantPlan(
+        model=ModelRef(model.name, shape.config_hash(), asdict(shape)),
+        recipe=recipe,
+        sites=tuple(sites),
+        acts=tuple(acts),
+        weights=tuple(weights),
+        provenance=default_provenance(),
+    )
+
+
+def _calibrate_sites(
+    layer: int,
+    hidden: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    additive: torch.Tensor,
+    shape: OptShape,
+    recipe: Recipe,
+    points: list[Reorder],
+    stat_acts: set[Act],
+) -> list[ReorderSite]:
+    stats = ChannelRangeObserver(stat_acts)
+    if stat_acts and recipe.granularity is Granularity.CLUSTER:
+        for n in range(hidden.shape[0]):
+            decoder_layer(hidden[n : n + 1], weights, additive, shape, stats)
+    return [_site(layer, p, stats, recipe, shape) for p in points]
+
+
+def _calibrate_acts(
+    layer: int,
+    hidden: torch.Tensor,
+    weights: dict[str, torch.Tensor],
+    additive: torch.Tensor,
+    shape: OptShape,
+    recipe: Recipe,
+    sites: list[ReorderSite],
+) -> list[ActQuant]:
+    if not recipe.quantized_acts:
+        return []
+    by_point = {s.point: s for s in sites}
+    labels = {
+        act: torch.from_numpy(
+            cluster_of_channel(by_point[SITE_OF[act]].perm, by_point[SITE_OF[act]].sizes)
+        )
+        for act in recipe.quantized_acts
+        if act in SITE_OF
+    }
+    observer = ClusterRangeObserver(labels, recipe.act_metric)
+    for n in range(hidden.shape[0]):
+        decoder_layer(hidden[n : n + 1], weights, additive, shape, observer)
+    return _act_quants(layer, observer, recipe)
