@@ -1,0 +1,1 @@
+"""Backends: the PyTorch reference, ONNX Runtime, TensorRT, and perplexity."""
