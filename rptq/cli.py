@@ -1,0 +1,188 @@
+"""`rptq-export`: calibrate an OPT model with RPTQ and export it to ONNX.
+
+Exit codes: 0 success, 1 a user error (printed as one `error: ...` line), 2 usage, 130 Ctrl-C.
+stdout carries only the final summary (`--json` makes it machine-readable); progress and logs
+go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rptq import __version__
+from rptq import log as rlog
+from rptq.errors import RptqError
+from rptq.points import DEFAULT_CLUSTERS, Reorder
+
+log = logging.getLogger("rptq.cli")
+
+SUBCOMMANDS = ("run", "calibrate", "export", "eval", "inspect", "demo")
+EXAMPLES = {
+    "run": "rptq-export opt-6.7b --wbits 4 --abits 4 --calib-dataset c4 -o opt-6.7b-w4a4.onnx",
+    "calibrate": "rptq-export calibrate ./opt-125m --wbits 4 --abits 4 -o plans/opt-125m-w4a4",
+    "export": "rptq-export export ./opt-125m --plan plans/opt-125m-w4a4 -o opt-125m-w4a4.onnx",
+    "eval": "rptq-export eval opt-125m-w4a4.onnx --datasets wikitext2 --tokenizer ./opt-125m",
+    "inspect": "rptq-export inspect plans/opt-125m-w4a4",
+    "demo": "rptq-export demo",
+}
+
+
+def _clusters(text: str) -> dict[str, int]:
+    """'R1=32,R5=16' -> defaults overridden at R1 and R5."""
+    clusters = {str(k): v for k, v in DEFAULT_CLUSTERS.items()}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in {str(r) for r in Reorder} or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"bad cluster spec {item!r}; expected e.g. R1=32,R5=16")
+        clusters[key.strip()] = int(value)
+    return clusters
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="datasets directory (default: $RPTQ_DATA_DIR)")
+
+
+def _calib_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization recipe")
+    group.add_argument("--wbits", type=int, default=4, help="weight bits 2..8, 16 = float")
+    group.add_argument("--abits", type=int, default=16, help="activation bits 3, 4, 8; 16 = float")
+    group.add_argument("--only-quant-kv", action="store_true", help="quantize only K and V (W4A4KV)")
+    group.add_argument(
+        "--clusters", type=_clusters, default=None,
+        help="clusters per reorder point, e.g. R1=32,R2=4 (R2/R3 per head; default RPTQ's)",
+    )
+    group.add_argument(
+        "--granularity", choices=["cluster", "tensor", "channel"], default="cluster",
+        help="activation scales per RPTQ cluster, per tensor, or per channel",
+    )
+    group.add_argument("--act-metric", choices=["ema_minmax", "minmax"], default="ema_minmax")
+    group.add_argument("--calib-dataset", default="wikitext2",
+                       help="wikitext2, ptb, c4, mix, c4-sample, or a .txt file")
+    group.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    group.add_argument("--seq-len", type=int, default=None,
+                       help="tokens per window (default: the model's context length)")
+    group.add_argument("--seed", type=int, default=2, help="calibration sampling seed")
+    group.add_argument("--device", default="cpu", help="torch device for calibration")
+    _data_args(parser)
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, help="output .onnx path")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--opset", type=int, default=21)
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rptq-export",
+        description="RPTQ quantization of OPT models to ONNX. With no subcommand, "
+        "`rptq-export MODEL ...` calibrates and exports in one go (the `run` subcommand).",
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"rptq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_text, description=help_text,
+            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _common(p)
+        return p
+
+    run = add("run", "calibrate (or take --plan) and export a quantized ONNX model")
+    run.add_argument("model", help="Hugging Face OPT directory or hub id (e.g. facebook/opt-1.3b)")
+    run.add_argument("--plan", help="use this plan instead of calibrating")
+    _calib_args(run)
+    _export_args(run)
+
+    cal = add("calibrate", "run RPTQ calibration and write a quantization plan directory")
+    cal.add_argument("model", help="Hugging Face OPT directory or hub id")
+    cal.add_argument("-o", "--output", required=True, help="plan directory to write")
+    cal.add_argument("--force", action="store_true", help="overwrite an existing plan")
+    _calib_args(cal)
+
+    exp = add("export", "export MODEL with a plan to ONNX (folded reorders, per-cluster Q/DQ)")
+    exp.add_argument("model", help="Hugging Face OPT directory or hub id")
+    exp.add_argument("--plan", required=True, help="plan directory from `calibrate`")
+    _export_args(exp)
+
+    ev = add("eval", "perplexity of a model, a model + plan (PyTorch reference) or an .onnx file")
+    ev.add_argument("model", help="OPT directory / hub id, or an exported .onnx file")
+    ev.add_argument("--plan", help="evaluate the fake-quant reference of this plan")
+    ev.add_argument("--datasets", default="wikitext2", help="comma list of wikitext2, ptb, c4")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: context)")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="evaluate only the first N windows (quick look; not paper-comparable)")
+    ev.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else OPT's)")
+    ev.add_argument("--providers", default="cpu", help="ONNX Runtime providers: cpu or cuda")
+    _data_args(ev)
+
+    ins = add("inspect", "summarize a plan directory")
+    ins.add_argument("plan", help="plan directory")
+
+    demo = add("demo", "the whole pipeline on an embedded tiny model, offline, in about a minute")
+    demo.add_argument("--output-dir", help="keep the plans and .onnx files here")
+    demo.add_argument("--steps", type=int, default=200, help="training steps of the tiny model")
+    return parser
+
+
+def _normalize_argv(argv: list[str]) -> list[str]:
+    """`rptq-export MODEL ...` means `rptq-export run MODEL ...`."""
+    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+        return ["run", *argv]
+    return argv
+
+
+def _emit(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+        return
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        elif isinstance(value, list):
+            print(f"{key}:")
+            for item in value:
+                print(f"  {item}")
+        else:
+            print(f"{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args_list = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    if not args_list:
+        parser.print_help()
+        return 2
+    args = parser.parse_args(args_list)
+    rlog.setup(-1 if args.quiet else min(args.verbose, 1))
+    from rptq import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        summary = handler(args)
+    except RptqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    _emit(summary, args.json)
+    return 0
+

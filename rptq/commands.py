@@ -1,0 +1,212 @@
+"""The CLI's subcommands: parse-free functions from argparse namespaces to summary dicts.
+
+Every input is validated before the expensive work starts (recipe, output path, plan, model),
+so a typo costs a second, not a calibration run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rptq.errors import ConfigError, DataError
+from rptq.io import check_output
+from rptq.log import human_bytes, peak_rss_bytes, stage
+from rptq.plan import QuantPlan, Recipe
+
+log = logging.getLogger(__name__)
+Summary = dict[str, Any]
+
+
+def _recipe(args: argparse.Namespace, max_positions: int | None = None) -> Recipe:
+    seq_len = args.seq_len if args.seq_len is not None else (max_positions or 2048)
+    fields: dict[str, Any] = {
+        "wbits": args.wbits,
+        "abits": args.abits,
+        "only_quant_kv": args.only_quant_kv,
+        "granularity": args.granularity,
+        "act_metric": args.act_metric,
+        "calib_dataset": args.calib_dataset,
+        "nsamples": args.nsamples,
+        "seq_len": seq_len,
+        "seed": args.seed,
+    }
+    if args.clusters is not None:
+        fields["clusters"] = args.clusters
+    if args.only_quant_kv and args.abits >= 16:
+        raise ConfigError("--only-quant-kv needs --abits 3, 4 or 8")
+    return Recipe(**fields)
+
+
+def _data_dir_for(dataset: str, arg: str | None) -> Path | None:
+    """The data directory, or None when a .txt calibration file needs none."""
+    from rptq.data import resolve_data_dir
+
+    if dataset.lower().endswith(".txt") and arg is None and not os.environ.get("RPTQ_DATA_DIR"):
+        return None
+    return resolve_data_dir(arg)
+
+
+def _calibrate(args: argparse.Namespace, total_stages: int) -> tuple[Any, QuantPlan, float]:
+    from rptq.calib.runner import check_recipe_fits
+    from rptq.data import calibration_windows, load_tokenizer
+    from rptq.model.load import load_model
+    from rptq.workflow import calibrate_windows
+
+    _recipe(args)  # option errors before the model is even opened
+    with stage(1, total_stages, f"loading {args.model}"):
+        model = load_model(args.model)
+        recipe = _recipe(args, model.shape.max_positions)
+        check_recipe_fits(recipe, model.shape)
+    with stage(2, total_stages, f"calibration data: {recipe.nsamples} x {recipe.seq_len} tokens "
+               f"of {recipe.calib_dataset}"):
+        data_dir = _data_dir_for(recipe.calib_dataset, args.data_dir)
+        tokenizer = load_tokenizer(model.directory, data_dir)
+        windows = calibration_windows(
+            recipe.calib_dataset, tokenizer, recipe.nsamples, recipe.seq_len, recipe.seed, data_dir
+        )
+    started = time.perf_counter()
+    with stage(3, total_stages, f"calibrating {recipe.label()}, {model.shape.num_layers} layers"):
+        plan = calibrate_windows(model, windows, recipe, device=args.device)
+    return model, plan, time.perf_counter() - started
+
+
+def _plan_summary(plan: QuantPlan) -> Summary:
+    clusters = {}
+    for point in ("R1", "R2", "R3", "R4", "R5"):
+        sizes = [len(s.sizes) for s in plan.sites if s.point == point]
+        if sizes:
+            clusters[point] = f"{min(sizes)}..{max(sizes)} clusters per layer"
+    return {
+        "model": plan.model.name,
+        "recipe": plan.recipe.label(),
+        "granularity": str(plan.recipe.granularity),
+        "layers": plan.model.shape["num_layers"],
+        "quantized activations per layer": len(plan.acts) // max(plan.model.shape["num_layers"], 1),
+        "quantized weights": len(plan.weights),
+        "clusters": clusters or "none (no activation quantization)",
+    }
+
+
+def cmd_calibrate(args: argparse.Namespace) -> Summary:
+    output = Path(args.output)
+    check_output(output, args.force)
+    _, plan, elapsed = _calibrate(args, 3)
+    plan.save(output, force=args.force)
+    return {
+        "plan": str(output),
+        **_plan_summary(plan),
+        "calibration_s": round(elapsed, 1),
+        "peak_rss": human_bytes(peak_rss_bytes()),
+    }
+
+
+def _export_summary(summary: Any, plan: QuantPlan | None) -> Summary:
+    return {
+        "files": [f"{path} ({human_bytes(size)})" for path, size in summary.files],
+        "bits": summary.label,
+        "QuantizeLinear nodes": summary.op_counts.get("QuantizeLinear", 0),
+        "DequantizeLinear nodes": summary.op_counts.get("DequantizeLinear", 0),
+        "plan": plan.model.name if plan is not None else "none (FP export)",
+        "peak_rss": human_bytes(peak_rss_bytes()),
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> Summary:
+    from rptq.model.load import load_model
+    from rptq.workflow import export_onnx
+
+    output = Path(args.output)
+    check_output(output, args.force)
+    if args.plan:
+        model = load_model(args.model)
+        plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
+    else:
+        model, plan, _ = _calibrate(args, 4)
+    with stage(4, 4, f"exporting {output}"):
+        summary = export_onnx(model, plan, output, args.dtype, args.opset, args.force)
+    return _export_summary(summary, plan)
+
+
+def cmd_export(args: argparse.Namespace) -> Summary:
+    from rptq.model.load import load_model
+    from rptq.workflow import export_onnx
+
+    output = Path(args.output)
+    check_output(output, args.force)
+    with stage(1, 2, f"loading {args.model} and plan {args.plan}"):
+        model = load_model(args.model)
+        plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
+    with stage(2, 2, f"exporting {output}"):
+        summary = export_onnx(model, plan, output, args.dtype, args.opset, args.force)
+    return _export_summary(summary, plan)
+
+
+def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
+    import onnx
+
+    from rptq.exporter.opt import META_SHAPE
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if META_SHAPE not in meta:
+        raise ConfigError(f"{path} was not exported by rptq (no {META_SHAPE} metadata)")
+    return int(json.loads(meta[META_SHAPE])["max_positions"]), None
+
+
+def cmd_eval(args: argparse.Namespace) -> Summary:
+    from rptq.data import EVAL_DATASETS, eval_tokens, eval_windows, load_tokenizer, resolve_data_dir
+    from rptq.workflow import evaluate, parse_list
+
+    datasets = parse_list(args.datasets, EVAL_DATASETS, "dataset")
+    path = Path(args.model)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist")
+        if args.plan:
+            raise ConfigError("--plan applies to a PyTorch model, not to an .onnx file")
+        from rptq.runtime.ort import OrtLogits, make_session
+
+        max_positions, model_dir = _onnx_seq_len(path)
+        backend, logits_fn = "onnxruntime", OrtLogits(make_session(path, [args.providers]))
+    else:
+        from rptq.model.load import load_model
+        from rptq.runtime.reference import ReferenceModel
+
+        model = load_model(args.model)
+        plan = QuantPlan.load(Path(args.plan), model.shape.config_hash()) if args.plan else None
+        max_positions, model_dir = model.shape.max_positions, model.directory
+        backend = "pytorch-reference" if plan is not None else "pytorch-fp"
+        logits_fn = ReferenceModel(model, plan)
+    seq_len = args.seq_len or max_positions
+    data_dir = resolve_data_dir(args.data_dir)
+    tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else model_dir, data_dir)
+    windows = {}
+    for name in datasets:
+        text = eval_tokens(name, tokenizer, data_dir, seq_len)
+        windows[name] = eval_windows(text.tokens, seq_len)[: args.limit]
+        if len(windows[name]) == 0:
+            raise DataError(f"--limit {args.limit} leaves no {name} windows; use 1 or more")
+    results = evaluate(logits_fn, windows, backend)
+    return {
+        "model": str(args.model),
+        "backend": backend,
+        "seq_len": seq_len,
+        "perplexity": {name: round(r.ppl, 4) for name, r in results.items()},
+        "windows": {name: r.windows for name, r in results.items()},
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> Summary:
+    plan = QuantPlan.load(Path(args.plan))
+    return {"plan": args.plan, **_plan_summary(plan), "provenance": plan.provenance}
+
+
+def cmd_demo(args: argparse.Namespace) -> Summary:
+    from rptq.demo import run_demo
+
+    return run_demo(Path(args.output_dir) if args.output_dir else None, steps=args.steps)

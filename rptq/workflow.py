@@ -1,0 +1,113 @@
+"""The steps the CLI, the demo and the benchmarks share: calibrate, export, evaluate.
+
+Each step takes plain objects (a LoadedModel, token windows, a plan) so that callers with
+their own data, such as the demo's embedded corpus, reuse them unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+from rptq.calib.runner import calibrate
+from rptq.model.load import LoadedModel
+from rptq.plan import QuantPlan, Recipe
+from rptq.runtime.perplexity import PerplexityResult, perplexity
+
+log = logging.getLogger(__name__)
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def calibrate_windows(
+    model: LoadedModel, windows: torch.Tensor, recipe: Recipe, device: str = "cpu"
+) -> QuantPlan:
+    """Calibrate with a progress bar over decoder layers."""
+    with tqdm(total=model.shape.num_layers, desc="calibrate", unit="layer", disable=None) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        return calibrate(model, windows, recipe, device=device, progress=advance)
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    """What an export produced, for the CLI summary and the benchmarks."""
+
+    files: list[tuple[Path, int]]
+    label: str
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    @property
+    def qdq_nodes(self) -> int:
+        return self.op_counts.get("QuantizeLinear", 0) + self.op_counts.get("DequantizeLinear", 0)
+
+
+def quantized_graph(
+    model: LoadedModel, plan: QuantPlan | None, dtype: str = "float32", opset: int = 21
+) -> onnx.ModelProto:
+    """The FP graph with the plan's reorders folded and its Q/DQ inserted (FP if no plan)."""
+    from rptq.exporter.opt import build_fp_graph
+    from rptq.passes.context import PassContext
+    from rptq.passes.pipeline import run_passes
+
+    graph = build_fp_graph(model, dtype=dtype, opset=opset)  # type: ignore[arg-type]
+    if plan is None:
+        return graph
+    graph, results = run_passes(graph, PassContext(plan=plan, opset=opset))
+    for result in results:
+        log.debug("pass %s: %s", result.name, dict(result.counts))
+    return graph
+
+
+def export_onnx(
+    model: LoadedModel,
+    plan: QuantPlan | None,
+    output: Path,
+    dtype: str = "float32",
+    opset: int = 21,
+    force: bool = False,
+) -> ExportSummary:
+    """Build, transform and atomically save the ONNX model; report files, sizes and op counts."""
+    from rptq.exporter.save import save_onnx
+
+    graph = quantized_graph(model, plan, dtype, opset)
+    counts = Counter(node.op_type for node in graph.graph.node)
+    paths = save_onnx(graph, Path(output), force=force)
+    label = plan.recipe.label() if plan is not None else "FP"
+    return ExportSummary([(p, p.stat().st_size) for p in paths], label, dict(counts))
+
+
+def evaluate(
+    logits_fn: LogitsFn, windows_by_set: dict[str, torch.Tensor], backend: str
+) -> dict[str, PerplexityResult]:
+    """Perplexity of one backend on each evaluation set's windows."""
+    return {
+        name: perplexity(logits_fn, windows, desc=f"{backend} {name}")
+        for name, windows in windows_by_set.items()
+    }
+
+
+def parse_list(text: str, choices: Sequence[str], what: str) -> list[str]:
+    """'a,b' -> ['a', 'b'], each checked against `choices`."""
+    from rptq.errors import ConfigError
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    for item in items:
+        if item not in choices:
+            raise ConfigError(f"unknown {what} {item!r}; choose from {', '.join(choices)}")
+    if not items:
+        raise ConfigError(f"no {what} given; choose from {', '.join(choices)}")
+    return items
