@@ -1,0 +1,135 @@
+"""What every pass receives and returns.
+
+A pass is a module-level function `(graph, ctx) -> PassResult` (the `Pass` protocol): no base
+class and no registry, so `pipeline.PASSES` is just an ordered tuple and debug flags find a pass
+by `__name__`. The context is frozen so that a pass cannot leak state into the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from numpy.typing import NDArray
+
+from rptq.errors import ConfigError, GraphPatternError
+from rptq.plan import QuantPlan
+
+Target = Literal["ort", "trt"]
+OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """The plan to apply and the runtime the graph is meant for."""
+
+    plan: QuantPlan
+    target: Target = "ort"
+    opset: int = OPSET
+
+    def __post_init__(self) -> None:
+        if self.target not in ("ort", "trt"):
+            raise ConfigError(f"target must be 'ort' or 'trt', got {self.target!r}")
+        if self.opset < OPSET:
+            raise ConfigError(
+                f"opset {self.opset} is too old: INT4/INT16 Q/DQ need opset {OPSET} or newer"
+            )
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass did: counts (nodes added, bytes, ...) and the names it touched."""
+
+    name: str
+    counts: dict[str, int] = field(default_factory=dict)
+    touched: tuple[str, ...] = ()
+
+
+class Pass(Protocol):
+    """A graph transform: checks all its preconditions, then edits `graph` in place."""
+
+    __name__: str
+
+    def __call__(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Transform `graph`; raise GraphPatternError before any change if it does not fit."""
+        ...
+
+
+# --- graph lookups shared by the passes -------------------------------------------------------
+# Names come from rptq.names; these helpers only turn "missing or different" into one-line
+# GraphPatternErrors that name the node and the pattern the pass expected.
+
+FOLD_RECORD_PREFIX = "rptq.folded:"
+
+
+class GraphIndex:
+    """Nodes and tensors of a graph by name, built once per pass (names are unique in ONNX)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.nodes: dict[str, gs.Node] = {n.name: n for n in graph.nodes if n.name}
+        self.tensors: dict[str, gs.Tensor] = graph.tensors()
+
+    def node(self, name: str, op: str, pattern: str) -> gs.Node:
+        """The node called `name`, which must be an `op`."""
+        found = self.nodes.get(name)
+        if found is None:
+            raise GraphPatternError(f"node {name} not found; expected {pattern}")
+        if found.op != op:
+            raise GraphPatternError(f"node {name} is a {found.op}, expected {op} in {pattern}")
+        return found
+
+    def constant_input(
+        self, node: gs.Node, slot: int, name: str, ndim: int, pattern: str
+    ) -> gs.Constant:
+        """Input `slot` of `node`: an initializer called `name` of rank `ndim`, used only there.
+
+        A single consumer is required because the passes replace the array: a shared initializer
+        (a tied weight) would change another node's function too.
+        """
+        if len(node.inputs) <= slot:
+            raise GraphPatternError(f"node {node.name} has no input {slot}; expected {pattern}")
+        tensor = node.inputs[slot]
+        if not isinstance(tensor, gs.Constant) or tensor.name != name:
+            raise GraphPatternError(
+                f"node {node.name} input {slot} is {tensor.name!r}, expected initializer {name} "
+                f"in {pattern}"
+            )
+        if len(tensor.shape) != ndim:
+            raise GraphPatternError(
+                f"initializer {name} has shape {list(tensor.shape)}, expected rank {ndim} "
+                f"in {pattern}"
+            )
+        if len(tensor.outputs) != 1:
+            raise GraphPatternError(
+                f"initializer {name} feeds {len(tensor.outputs)} nodes, expected only {node.name}"
+            )
+        return tensor
+
+
+def perm_digest(perm: NDArray[np.integer]) -> str:
+    """Short fingerprint of a permutation, to tell whether a graph was folded with this one."""
+    data = np.ascontiguousarray(perm, dtype=np.int64).tobytes()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def folded_sites(graph: gs.Graph) -> dict[str, str]:
+    """Site key (`layers.3.R2`) -> perm_digest of every site fold_reorder folded into `graph`.
+
+    R2, R3 and R5 leave no node behind (only permuted weights), so fold_reorder records what it
+    did in the graph's doc_string, which survives ONNX export and import.
+    """
+    for line in graph.doc_string.splitlines():
+        if line.startswith(FOLD_RECORD_PREFIX):
+            entries = (item.split("=", 1) for item in line[len(FOLD_RECORD_PREFIX) :].split())
+            return {key: digest for key, digest in entries}
+    return {}
+
+
+def record_folded(graph: gs.Graph, sites: dict[str, str]) -> None:
+    """Write the folded sites (key -> perm_digest) into the graph's doc_string."""
+    line = FOLD_RECORD_PREFIX + " ".join(f"{key}={digest}" for key, digest in sites.items())
+    graph.doc_string = f"{graph.doc_string}\n{line}" if graph.doc_string else line

@@ -1,0 +1,105 @@
+"""The ordered passes that turn the FP graph into the quantized graph, and their runner.
+
+No registry: PASSES is the order, and `stop_after` (the CLI's --stop-after / --dump-after)
+finds a pass by its `__name__`. The runner owns import/export so that every pass sees a
+onnx-graphsurgeon graph and the model-level fields gs drops (metadata_props) survive.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from rptq.errors import ConfigError, GraphPatternError, PlanError
+from rptq.passes.context import Pass, PassContext, PassResult
+from rptq.passes.fold_reorder import fold_reorder
+from rptq.passes.insert_qdq import insert_act_qdq
+from rptq.passes.quantize_weights import quantize_weights, wrap_packed_constants
+
+logger = logging.getLogger(__name__)
+
+PASSES: tuple[Pass, ...] = (fold_reorder, insert_act_qdq, quantize_weights)
+META_CONFIG_HASH = "rptq.config_hash"  # written by rptq.exporter.opt
+
+
+def pass_names() -> tuple[str, ...]:
+    """Names accepted by `stop_after`, in order."""
+    return tuple(p.__name__ for p in PASSES)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise GraphPatternError("model has no default-domain opset_import; expected an ONNX model")
+
+
+def _check_model(model: onnx.ModelProto, ctx: PassContext) -> None:
+    """The model must be new enough for INT4/INT16 Q/DQ and belong to the plan's model."""
+    opset = _default_opset(model)
+    if opset < ctx.opset:
+        raise GraphPatternError(
+            f"model opset {opset} is older than {ctx.opset}; export with --opset {ctx.opset}"
+        )
+    meta = {p.key: p.value for p in model.metadata_props}
+    got = meta.get(META_CONFIG_HASH)
+    if got is not None and got != ctx.plan.model.config_hash:
+        raise PlanError(
+            f"plan for {ctx.plan.model.name} does not match the exported model (config hash "
+            f"{got}); calibrate a plan for this model"
+        )
+
+
+def _check_invariants(graph: gs.Graph, after: str) -> None:
+    """Cheap checks after every pass: names unique and non-empty (names.py makes them all)."""
+    seen: set[str] = set()
+    for node in graph.nodes:
+        if not node.name or node.name in seen:
+            raise AssertionError(f"after {after}: node name {node.name!r} is empty or repeated")
+        seen.add(node.name)
+
+
+def export_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """gs export that packs INT4 constants and keeps `like`'s opset, IR version and metadata."""
+    wrap_packed_constants(graph)
+    model = gs.export_onnx(graph, do_type_check=True)
+    if like is None:
+        return model
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    model.ir_version = like.ir_version
+    model.producer_name = like.producer_name
+    model.producer_version = like.producer_version
+    del model.metadata_props[:]
+    model.metadata_props.extend(like.metadata_props)
+    return model
+
+
+def run_passes(
+    model: onnx.ModelProto, ctx: PassContext, stop_after: str | None = None
+) -> tuple[onnx.ModelProto, list[PassResult]]:
+    """Run PASSES in order (up to and including `stop_after`); the input model is not changed.
+
+    Every pass checks its own preconditions before editing; the runner cleans up and sorts the
+    graph after each one, as onnx-graphsurgeon transforms expect.
+    """
+    if stop_after is not None and stop_after not in pass_names():
+        raise ConfigError(
+            f"unknown pass {stop_after!r} for --stop-after; choose one of {', '.join(pass_names())}"
+        )
+    _check_model(model, ctx)
+    graph = gs.import_onnx(model)
+    results: list[PassResult] = []
+    for step in PASSES:
+        start = time.perf_counter()
+        result = step(graph, ctx)
+        graph.cleanup().toposort()
+        _check_invariants(graph, step.__name__)
+        logger.info("%s: %s (%.2f s)", step.__name__, result.counts, time.perf_counter() - start)
+        results.append(result)
+        if step.__name__ == stop_after:
+            break
+    return export_graph(graph, model), results

@@ -1,0 +1,194 @@
+"""Store each quantized linear weight as integer codes plus a per-output-channel DequantizeLinear.
+
+The plan keeps codes [out, in] in the Hugging Face order; the folded graph's MatMul wants
+B = W^T [in, out] with rows permuted by the input reorder and columns by the output reorder,
+which rptq.quant.fold.permute_weight_codes produces (the same maths fold_reorder used on the
+float weight). DequantizeLinear(axis=1) then yields exactly the dequantized folded weight.
+
+INT4 initializers: onnx-graphsurgeon 0.6.1 exports a Constant with `tensor.values.tobytes()`,
+which for an ml_dtypes.int4 array is one byte per element while ONNX expects two per byte, so
+export fails ("Raw data size does not match"). Constants whose values are a LazyValues wrapping
+an onnx.TensorProto are exported verbatim, so INT4 codes are built with
+onnx.numpy_helper.from_array (which packs them) and wrapped; `wrap_packed_constants` re-wraps
+any INT4 array a later reader loaded (reading `Constant.values` replaces the wrapper).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_graphsurgeon as gs
+from numpy.typing import NDArray
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from rptq import names
+from rptq.errors import GraphPatternError, PlanError
+from rptq.passes.context import GraphIndex, PassContext, PassResult
+from rptq.plan import QuantPlan, WeightQuant
+from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, LINEARS, Reorder
+from rptq.quant.fold import permute_weight_codes
+from rptq.quant.qparams import container_bits, dequantize
+
+WEIGHT_AXIS = 1  # B is [in, out]: one (scale, zero) per output channel = per column
+# Round-to-nearest on RPTQ's grid is off by at most 1.5 steps: the top of the range maps to
+# 2^(b-1) + (rounding of the zero point, up to 0.5) and is clipped to 2^(b-1) - 1. A wrong
+# permutation moves weights by a fraction of the row range, i.e. several steps.
+MAX_ERROR_STEPS = 1.51
+_PACKED_DTYPES = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
+_CONTAINERS: dict[int, type] = {4: ml_dtypes.int4, 8: np.int8, 16: np.int16}
+MATMUL_PATTERN = "MatMul(x, <module>.weight [in, out]) (docs/graph.md)"
+
+
+def packed_constant(name: str, array: NDArray[np.generic]) -> gs.Constant:
+    """A Constant that exports correctly even for INT4 (see the module docstring)."""
+    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
+
+
+def wrap_packed_constants(graph: gs.Graph) -> int:
+    """Re-wrap INT4/UINT4 arrays as packed TensorProtos before gs export; returns how many."""
+    wrapped = 0
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if isinstance(values, np.ndarray) and values.dtype in _PACKED_DTYPES:
+            tensor.values = packed_constant(tensor.name, values)._values
+            wrapped += 1
+    return wrapped
+
+
+def packed_nbytes(dtype: np.dtype, size: int) -> int:
+    """Bytes an ONNX initializer of `size` elements takes (INT4 packs two per byte)."""
+    if np.dtype(dtype) in _PACKED_DTYPES:
+        return (size + 1) // 2
+    return size * np.dtype(dtype).itemsize
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    matmul: gs.Node
+    weight: gs.Constant
+    names: dict[str, str]
+    codes: NDArray[np.generic]
+    scale: NDArray[np.floating]
+    zero: NDArray[np.generic]
+
+    def nbytes(self) -> int:
+        return sum(packed_nbytes(a.dtype, a.size) for a in (self.codes, self.scale, self.zero))
+
+
+def _linear_of(plan: QuantPlan, fqn: str) -> tuple[int, str]:
+    for layer in range(plan.model.shape["num_layers"]):
+        for linear in LINEARS:
+            if names.module(layer, linear) == fqn:
+                return layer, linear
+    raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
+
+
+def _perm(plan: QuantPlan, layer: int, point: Reorder | None) -> NDArray[np.int64] | None:
+    if point is None:
+        return None
+    try:
+        return plan.site(layer, point).perm
+    except KeyError:
+        return None  # that reorder point is not in the plan: identity
+
+
+def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepared:
+    """Check one weight and build its codes in the graph layout (no graph edits)."""
+    layer, linear = _linear_of(plan, quant.fqn)
+    qw = names.quantized_weight(quant.fqn)
+    if qw["node"] in index.nodes or qw["codes"] in index.tensors:
+        raise GraphPatternError(f"node {qw['node']} already exists: weights already quantized")
+    matmul = index.node(names.node(quant.fqn, "MatMul"), "MatMul", MATMUL_PATTERN)
+    weight = index.constant_input(matmul, 1, names.weight(quant.fqn), 2, MATMUL_PATTERN)
+    out_ch, in_ch = quant.codes.shape
+    if tuple(weight.shape) != (in_ch, out_ch):
+        raise GraphPatternError(
+            f"initializer {weight.name} has shape {list(weight.shape)}, but the plan's codes "
+            f"need [{in_ch}, {out_ch}] (node {matmul.name})"
+        )
+    dtype = np.dtype(weight.dtype)
+    codes, scale, zero = permute_weight_codes(
+        quant.codes,
+        quant.scale,
+        quant.zero,
+        _perm(plan, layer, LINEAR_INPUT_SITE.get(linear)),
+        _perm(plan, layer, LINEAR_OUTPUT_SITE.get(linear)),
+    )
+    scale = np.asarray(scale, dtype=np.float32).astype(dtype)
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise PlanError(f"plan weight {quant.fqn}: a scale is not representable in {dtype}")
+    _check_close(weight, codes, scale, zero)
+    try:
+        container = _CONTAINERS[container_bits(zero, quant.bits)]
+    except ValueError:
+        raise PlanError(f"plan weight {quant.fqn}: zero point outside int16; recalibrate") from None
+    return _Prepared(
+        matmul, weight, qw, codes.astype(container), scale, np.asarray(zero).astype(container)
+    )
+
+
+def _check_close(
+    weight: gs.Constant, codes: NDArray[np.integer], scale: NDArray[np.floating], zero: NDArray
+) -> None:
+    """The codes must stand for the graph's (folded) float weight: catches a wrong permutation."""
+    current = np.asarray(weight.values, dtype=np.float32)
+    s32 = scale.astype(np.float32)
+    recovered = dequantize(codes, s32[None, :], np.asarray(zero)[None, :])
+    # float slack: the weight itself was rounded to the export dtype
+    slack = np.abs(current) * float(np.finfo(np.dtype(weight.dtype)).eps)
+    steps = (np.abs(recovered - current) - slack) / s32[None, :]
+    worst = float(steps.max(initial=0.0))
+    if worst > MAX_ERROR_STEPS:
+        column = int(np.unravel_index(int(np.argmax(steps)), steps.shape)[1])
+        raise GraphPatternError(
+            f"initializer {weight.name}: the plan's codes are {worst:.2f} quantization steps "
+            f"from the graph weight (output channel {column}; max {MAX_ERROR_STEPS}); the graph "
+            "was folded with other permutations than the plan's (run fold_reorder with this plan)"
+        )
+
+
+def quantize_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Replace each planned float weight by DequantizeLinear(codes, scale, zero, axis=1).
+
+    Preconditions, checked for all weights before the first edit: the MatMul and its weight
+    exist with the plan's shape, are not quantized yet, and the codes reproduce the weight
+    within MAX_ERROR_STEPS steps in the graph's current (folded) channel order.
+    """
+    plan = ctx.plan
+    if not plan.weights:
+        return PassResult(quantize_weights.__name__)
+    index = GraphIndex(graph)
+    items = [_prepare(index, plan, quant) for quant in plan.weights]
+    before = sum(packed_nbytes(i.weight.dtype, int(np.prod(i.weight.shape))) for i in items)
+    after = sum(item.nbytes() for item in items)
+    int4 = 0
+    for item in items:
+        n = item.names
+        codes = packed_constant(n["codes"], item.codes)
+        scale = gs.Constant(n["scale"], item.scale)
+        zero = packed_constant(n["zero_point"], item.zero)
+        out = gs.Variable(n["output"], dtype=item.scale.dtype, shape=list(item.codes.shape))
+        graph.nodes.append(
+            gs.Node(
+                "DequantizeLinear",
+                name=n["node"],
+                attrs={"axis": WEIGHT_AXIS},
+                inputs=[codes, scale, zero],
+                outputs=[out],
+            )
+        )
+        item.matmul.inputs[1] = out
+        int4 += int(item.codes.dtype in _PACKED_DTYPES)
+    return PassResult(
+        quantize_weights.__name__,
+        counts={
+            "dequantize_linear": len(items),
+            "int4_weights": int4,
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+        },
+        touched=tuple(item.weight.name for item in items),
+    )

@@ -1,0 +1,103 @@
+"""Run exported graphs in ONNX Runtime and return logits as torch tensors.
+
+ORT is the parity reference for every graph rptq writes (CPU in CI, CUDA on the lent GPU), so
+this stays small: one session factory and one callable with the same signature as the PyTorch
+forward, so evaluation code can take either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from rptq import names
+from rptq.errors import ConfigError, MissingDependencyError
+
+_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+_INSTALL_HINT = {
+    "CUDAExecutionProvider": "pip install onnxruntime-gpu",
+    "TensorrtExecutionProvider": "pip install onnxruntime-gpu and TensorRT",
+}
+
+
+def resolve_providers(providers: Sequence[str] | None) -> list[str]:
+    """Map short names ("cpu", "cuda") to ORT providers; CPU is always the last fallback.
+
+    A requested GPU provider that this onnxruntime build lacks is an error, not a silent CPU
+    run: timings and fp16 behaviour would otherwise be reported for the wrong device.
+    """
+    available = ort.get_available_providers()
+    resolved: list[str] = []
+    for requested in providers or ["cpu"]:
+        provider = _PROVIDERS.get(requested.lower(), requested)
+        if provider not in _PROVIDERS.values() and provider not in available:
+            raise ConfigError(
+                f"unknown ONNX Runtime provider {requested!r}; use one of {sorted(_PROVIDERS)}"
+            )
+        if provider not in available:
+            hint = _INSTALL_HINT.get(provider, "install an onnxruntime build that has it")
+            raise MissingDependencyError(
+                f"ONNX Runtime provider {provider} is not available here (have: "
+                f"{', '.join(available)}); {hint}"
+            )
+        if provider not in resolved:
+            resolved.append(provider)
+    if "CPUExecutionProvider" not in resolved:
+        resolved.append("CPUExecutionProvider")
+    return resolved
+
+
+def make_session(
+    path_or_model: str | Path | onnx.ModelProto,
+    providers: Sequence[str] | None = None,
+    optimize: bool = True,
+) -> ort.InferenceSession:
+    """An InferenceSession; `optimize=False` (ORT_DISABLE_ALL) runs the graph as written.
+
+    Parity tests run both ways: without optimisation to check the graph itself, with it to
+    check what users get. Models over 2 GiB must be given as a path (external data).
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    source: str | bytes
+    if isinstance(path_or_model, onnx.ModelProto):
+        source = path_or_model.SerializeToString()
+    else:
+        source = str(path_or_model)
+    return ort.InferenceSession(source, options, providers=resolve_providers(providers))
+
+
+class OrtLogits:
+    """`(input_ids [B, T], attention_mask [B, T] | None) -> float32 logits [B, T, V]`."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        """Wrap a session over an rptq graph (inputs input_ids/attention_mask, output logits)."""
+        self.session = session
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run the graph; the mask defaults to all ones (no padding)."""
+        ids = input_ids.detach().cpu().numpy().astype(np.int64, copy=False)
+        if attention_mask is None:
+            mask = np.ones_like(ids)
+        else:
+            mask = attention_mask.detach().cpu().numpy().astype(np.int64, copy=False)
+        (logits,) = self.session.run(
+            [names.GRAPH_LOGITS],
+            {names.GRAPH_INPUT_IDS: ids, names.GRAPH_ATTENTION_MASK: mask},
+        )
+        return torch.from_numpy(np.asarray(logits, dtype=np.float32))
