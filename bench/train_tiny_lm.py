@@ -42,6 +42,16 @@ def tokenize(data_dir: Path, output: Path) -> None:
     print(f"{len(ids)} tokens -> {output}")
 
 
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, windows: torch.Tensor, device: torch.device) -> float:
+    """Mean next-token loss on held-out windows (eval mode, no dropout)."""
+    model.eval()
+    losses = [model(input_ids=w.to(device), labels=w.to(device)).loss.item()
+              for w in windows.split(16)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
 def train(args: argparse.Namespace) -> None:
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -57,10 +67,15 @@ def train(args: argparse.Namespace) -> None:
         pad_token_id=1, bos_token_id=2, eos_token_id=2,
     )
     model = OPTForCausalLM(config).to(device).train()
+    # 5% of the windows are held out: the text is small (about 1.2M tokens), so the model
+    # overfits within a few epochs; the checkpoint kept is the one with the best held-out loss.
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))
+    held_out, windows = windows[order[: len(windows) // 20]], windows[order[len(windows) // 20 :]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1,
                                   betas=(0.9, 0.95))
     started = time.time()
     generator = torch.Generator().manual_seed(args.seed)
+    best = (float("inf"), -1, None)
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in optimizer.param_groups:
@@ -72,16 +87,21 @@ def train(args: argparse.Namespace) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % 200 == 0 or step == args.steps - 1:
-            print(f"step {step} loss {loss.item():.3f} lr {lr:.2e} {time.time() - started:.0f}s",
-                  flush=True)
+        if step % args.eval_every == 0 or step == args.steps - 1:
+            held = held_out_loss(model, held_out, device)
+            if held < best[0]:
+                best = (held, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            print(f"step {step} loss {loss.item():.3f} held-out {held:.3f} lr {lr:.2e} "
+                  f"{time.time() - started:.0f}s", flush=True)
         if time.time() - started > args.minutes * 60:
             print(f"stopping at step {step}: time limit", flush=True)
             break
+    model.load_state_dict(best[2])
+    print(f"kept step {best[1]}: held-out loss {best[0]:.3f}", flush=True)
     model = model.eval().to("cpu", torch.float16)
     model.save_pretrained(args.output, max_shard_size="15MB")
     (Path(args.output) / "TRAINING.json").write_text(json.dumps({**vars(args), "steps_done": step + 1,
-        "final_loss": loss.item(), "train_tokens": int(windows.numel()),
+        "best_step": best[1], "held_out_loss": best[0], "train_tokens": int(windows.numel()),
         "wall_s": round(time.time() - started)}, indent=1, default=str))
 
 
@@ -103,6 +123,7 @@ def main() -> None:
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--minutes", type=float, default=4.0)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--eval-every", type=int, default=50)
     tr.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.command == "tokenize":

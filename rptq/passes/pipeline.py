@@ -98,7 +98,7 @@ def run_passes(
         result = step(graph, ctx)
         graph.cleanup().toposort()
         _check_invariants(graph, step.__name__)
-        logger.info("%s: %s (%.2f s)", step.__name__, result.counts, time.perf_counter() - start)
+        logger.debug("%s: %s (%.2f s)", step.__name__, result.counts, time.perf_counter() - start)
         results.append(result)
         if step.__name__ == stop_after:
             break

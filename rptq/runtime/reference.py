@@ -50,7 +50,8 @@ class ReferenceModel:
             {} if layer_bytes * shape.num_layers <= CACHE_LIMIT_BYTES else None
         )
 
-    def _layer(self, index: int) -> tuple[LayerWeights, Tap]:
+    def layer(self, index: int) -> tuple[LayerWeights, Tap]:
+        """Layer `index`'s (fake-quantized) weights and its activation tap."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         weights = read_layer(self.model.weights, index)
@@ -73,6 +74,6 @@ class ReferenceModel:
         hidden = embed(input_ids, attention_mask, self.model.weights)
         additive = causal_mask(attention_mask, hidden.dtype)
         for i in range(self.model.shape.num_layers):
-            weights, tap = self._layer(i)
+            weights, tap = self.layer(i)
             hidden = decoder_layer(hidden, weights, additive, self.model.shape, tap)
         return final_logits(hidden, self.model.weights)
