@@ -5,8 +5,10 @@ vocabulary size whatever the quantization, which would hide every difference the
 about. This trains a small OPT (OPT's real tokenizer and vocabulary) on pre-tokenized text and
 saves it as a Hugging Face directory (sharded safetensors) that every rptq command accepts.
 
-    python bench/train_tiny_lm.py tokenize --data-dir ../shared/data -o bench/.cache/train_tokens.npy
-    python bench/train_tiny_lm.py train bench/.cache/train_tokens.npy -o bench/.cache/opt-tiny-lm --device cuda
+    python bench/train_tiny_lm.py tokenize --data-dir ../shared/data \
+        -o bench/.cache/train_tokens.npy
+    python bench/train_tiny_lm.py train bench/.cache/train_tokens.npy \
+        -o bench/.cache/opt-tiny-lm --device cuda --minutes 2.5 --steps 1500 --batch 32
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def tokenize(data_dir: Path, output: Path) -> None:
 def held_out_loss(model: torch.nn.Module, windows: torch.Tensor, device: torch.device) -> float:
     """Mean next-token loss on held-out windows (eval mode, no dropout)."""
     model.eval()
-    losses = [model(input_ids=w.to(device), labels=w.to(device)).loss.item()
-              for w in windows.split(16)]
+    losses = [
+        model(input_ids=w.to(device), labels=w.to(device)).loss.item() for w in windows.split(16)
+    ]
     model.train()
     return sum(losses) / len(losses)
 
@@ -61,26 +64,39 @@ def train(args: argparse.Namespace) -> None:
     seq = args.max_positions
     windows = tokens[: len(tokens) // seq * seq].view(-1, seq)
     config = OPTConfig(
-        vocab_size=50272, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        ffn_dim=4 * args.hidden, num_attention_heads=args.heads, max_position_embeddings=seq,
-        word_embed_proj_dim=args.hidden, dropout=0.1, attention_dropout=0.0,
-        pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        vocab_size=50272,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        ffn_dim=4 * args.hidden,
+        num_attention_heads=args.heads,
+        max_position_embeddings=seq,
+        word_embed_proj_dim=args.hidden,
+        dropout=0.1,
+        attention_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
     )
     model = OPTForCausalLM(config).to(device).train()
     # 5% of the windows are held out: the text is small (about 1.2M tokens), so the model
     # overfits within a few epochs; the checkpoint kept is the one with the best held-out loss.
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))
     held_out, windows = windows[order[: len(windows) // 20]], windows[order[len(windows) // 20 :]]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1,
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
+    )
     started = time.time()
     generator = torch.Generator().manual_seed(args.seed)
     best = (float("inf"), -1, None)
     for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        lr = (
+            args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = windows[torch.randint(0, len(windows), (args.batch,), generator=generator)].to(device)
+        batch = windows[torch.randint(0, len(windows), (args.batch,), generator=generator)].to(
+            device
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -91,8 +107,11 @@ def train(args: argparse.Namespace) -> None:
             held = held_out_loss(model, held_out, device)
             if held < best[0]:
                 best = (held, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
-            print(f"step {step} loss {loss.item():.3f} held-out {held:.3f} lr {lr:.2e} "
-                  f"{time.time() - started:.0f}s", flush=True)
+            print(
+                f"step {step} loss {loss.item():.3f} held-out {held:.3f} lr {lr:.2e} "
+                f"{time.time() - started:.0f}s",
+                flush=True,
+            )
         if time.time() - started > args.minutes * 60:
             print(f"stopping at step {step}: time limit", flush=True)
             break
@@ -100,13 +119,26 @@ def train(args: argparse.Namespace) -> None:
     print(f"kept step {best[1]}: held-out loss {best[0]:.3f}", flush=True)
     model = model.eval().to("cpu", torch.float16)
     model.save_pretrained(args.output, max_shard_size="15MB")
-    (Path(args.output) / "TRAINING.json").write_text(json.dumps({**vars(args), "steps_done": step + 1,
-        "best_step": best[1], "held_out_loss": best[0], "train_tokens": int(windows.numel()),
-        "wall_s": round(time.time() - started)}, indent=1, default=str))
+    (Path(args.output) / "TRAINING.json").write_text(
+        json.dumps(
+            {
+                **vars(args),
+                "steps_done": step + 1,
+                "best_step": best[1],
+                "held_out_loss": best[0],
+                "train_tokens": int(windows.numel()),
+                "wall_s": round(time.time() - started),
+            },
+            indent=1,
+            default=str,
+        )
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenize")
     tok.add_argument("--data-dir", type=Path, required=True)

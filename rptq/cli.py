@@ -38,7 +38,9 @@ def _clusters(text: str) -> dict[str, int]:
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key.strip() not in {str(r) for r in Reorder} or not value.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"bad cluster spec {item!r}; expected e.g. R1=32,R5=16")
+            raise argparse.ArgumentTypeError(
+                f"bad cluster spec {item!r}; expected e.g. R1=32,R5=16"
+            )
         clusters[key.strip()] = int(value)
     return clusters
 
@@ -57,21 +59,34 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quantization recipe")
     group.add_argument("--wbits", type=int, default=4, help="weight bits 2..8, 16 = float")
     group.add_argument("--abits", type=int, default=16, help="activation bits 3, 4, 8; 16 = float")
-    group.add_argument("--only-quant-kv", action="store_true", help="quantize only K and V (W4A4KV)")
     group.add_argument(
-        "--clusters", type=_clusters, default=None,
+        "--only-quant-kv", action="store_true", help="quantize only K and V (W4A4KV)"
+    )
+    group.add_argument(
+        "--clusters",
+        type=_clusters,
+        default=None,
         help="clusters per reorder point, e.g. R1=32,R2=4 (R2/R3 per head; default RPTQ's)",
     )
     group.add_argument(
-        "--granularity", choices=["cluster", "tensor", "channel"], default="cluster",
+        "--granularity",
+        choices=["cluster", "tensor", "channel"],
+        default="cluster",
         help="activation scales per RPTQ cluster, per tensor, or per channel",
     )
     group.add_argument("--act-metric", choices=["ema_minmax", "minmax"], default="ema_minmax")
-    group.add_argument("--calib-dataset", default="wikitext2",
-                       help="wikitext2, ptb, c4, mix, c4-sample, or a .txt file")
+    group.add_argument(
+        "--calib-dataset",
+        default="wikitext2",
+        help="wikitext2, ptb, c4, mix, c4-sample, or a .txt file",
+    )
     group.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    group.add_argument("--seq-len", type=int, default=None,
-                       help="tokens per window (default: the model's context length)")
+    group.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per window (default: the model's context length)",
+    )
     group.add_argument("--seed", type=int, default=2, help="calibration sampling seed")
     group.add_argument("--device", default="cpu", help="torch device for calibration")
     _data_args(parser)
@@ -97,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
-            name, help=help_text, description=help_text,
-            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter,
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _common(p)
         return p
@@ -125,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plan", help="evaluate the fake-quant reference of this plan")
     ev.add_argument("--datasets", default="wikitext2", help="comma list of wikitext2, ptb, c4")
     ev.add_argument("--seq-len", type=int, default=None, help="window length (default: context)")
-    ev.add_argument("--limit", type=int, default=None,
-                    help="evaluate only the first N windows (quick look; not paper-comparable)")
+    ev.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate only the first N windows (quick look; not paper-comparable)",
+    )
     ev.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else OPT's)")
     ev.add_argument("--providers", default="cpu", help="ONNX Runtime providers: cpu or cuda")
     _data_args(ev)
@@ -185,4 +207,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     _emit(summary, args.json)
     return 0
-

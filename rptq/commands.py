@@ -63,8 +63,11 @@ def _calibrate(args: argparse.Namespace, total_stages: int) -> tuple[Any, QuantP
         model = load_model(args.model)
         recipe = _recipe(args, model.shape.max_positions)
         check_recipe_fits(recipe, model.shape)
-    with stage(2, total_stages, f"calibration data: {recipe.nsamples} x {recipe.seq_len} tokens "
-               f"of {recipe.calib_dataset}"):
+    with stage(
+        2,
+        total_stages,
+        f"calibration data: {recipe.nsamples} x {recipe.seq_len} tokens of {recipe.calib_dataset}",
+    ):
         data_dir = _data_dir_for(recipe.calib_dataset, args.data_dir)
         tokenizer = load_tokenizer(model.directory, data_dir)
         windows = calibration_windows(

@@ -32,14 +32,59 @@ DEMO_RECIPES: tuple[dict[str, Any], ...] = (
 )
 DEMO_CLUSTERS = {"R1": 8, "R2": 4, "R3": 4, "R4": 8, "R5": 16}
 
-_SUBJECTS = ("the cat", "a dog", "the old man", "my sister", "the bird", "a child", "the teacher",
-             "our neighbour", "the farmer", "a young girl", "the doctor", "his brother")
-_VERBS = ("sees", "likes", "finds", "follows", "paints", "calls", "carries", "helps", "watches",
-          "remembers", "visits", "answers")
-_OBJECTS = ("a red ball", "the small house", "an apple", "the blue boat", "a letter", "the moon",
-            "a wooden chair", "the green door", "a long road", "the cold river", "a new book")
-_PLACES = ("in the garden", "near the river", "at home", "on the hill", "after dinner",
-           "before noon", "in the city", "by the sea", "under the bridge", "every morning")
+_SUBJECTS = (
+    "the cat",
+    "a dog",
+    "the old man",
+    "my sister",
+    "the bird",
+    "a child",
+    "the teacher",
+    "our neighbour",
+    "the farmer",
+    "a young girl",
+    "the doctor",
+    "his brother",
+)
+_VERBS = (
+    "sees",
+    "likes",
+    "finds",
+    "follows",
+    "paints",
+    "calls",
+    "carries",
+    "helps",
+    "watches",
+    "remembers",
+    "visits",
+    "answers",
+)
+_OBJECTS = (
+    "a red ball",
+    "the small house",
+    "an apple",
+    "the blue boat",
+    "a letter",
+    "the moon",
+    "a wooden chair",
+    "the green door",
+    "a long road",
+    "the cold river",
+    "a new book",
+)
+_PLACES = (
+    "in the garden",
+    "near the river",
+    "at home",
+    "on the hill",
+    "after dinner",
+    "before noon",
+    "in the city",
+    "by the sea",
+    "under the bridge",
+    "every morning",
+)
 
 
 def synthetic_corpus(sentences: int, seed: int) -> str:
@@ -67,8 +112,15 @@ def train_tiny_model(steps: int, seed: int = 0) -> Any:
     from rptq.tiny import make_tiny_opt
 
     torch.manual_seed(seed)
-    model = make_tiny_opt(hidden_size=64, num_heads=4, ffn_dim=256, vocab_size=256,
-                          max_positions=SEQ_LEN, seed=seed, weight_std=0.02)
+    model = make_tiny_opt(
+        hidden_size=64,
+        num_heads=4,
+        ffn_dim=256,
+        vocab_size=256,
+        max_positions=SEQ_LEN,
+        seed=seed,
+        weight_std=0.02,
+    )
     windows = byte_windows(synthetic_corpus(6000, seed=1), SEQ_LEN)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
@@ -106,8 +158,13 @@ def run_demo(output_dir: Path | None, steps: int = 200) -> dict[str, Any]:
     with stage(2, 3, f"calibrating and exporting {len(DEMO_RECIPES)} recipes"):
         plans = []
         for fields in DEMO_RECIPES:
-            recipe = Recipe(**fields, clusters=dict(DEMO_CLUSTERS), calib_dataset="demo",
-                            nsamples=len(calib), seq_len=SEQ_LEN)
+            recipe = Recipe(
+                **fields,
+                clusters=dict(DEMO_CLUSTERS),
+                calib_dataset="demo",
+                nsamples=len(calib),
+                seq_len=SEQ_LEN,
+            )
             plan = calibrate_windows(model, calib, recipe)
             onnx_path = workdir / f"demo-{recipe.label().lower()}.onnx"
             summary = export_onnx(model, plan, onnx_path, force=True)
@@ -116,10 +173,14 @@ def run_demo(output_dir: Path | None, steps: int = 200) -> dict[str, Any]:
         for plan, onnx_path, summary in plans:
             label = plan.recipe.label()
             ref = perplexity(ReferenceModel(model, plan), evaluation, desc=f"ref {label}").ppl
-            ort = perplexity(OrtLogits(make_session(onnx_path)), evaluation, desc=f"ort {label}").ppl
+            ort = perplexity(
+                OrtLogits(make_session(onnx_path)), evaluation, desc=f"ort {label}"
+            ).ppl
             diff = 100 * (ort - ref) / ref
-            rows.append(f"{label:<9} {ref:>11.3f} {ort:>9.3f} {diff:>7.3f}% "
-                        f"{human_bytes(summary.total_bytes):>10}")
+            rows.append(
+                f"{label:<9} {ref:>11.3f} {ort:>9.3f} {diff:>7.3f}% "
+                f"{human_bytes(summary.total_bytes):>10}"
+            )
             results[label] = {"reference_ppl": ref, "ort_ppl": ort, "qdq_nodes": summary.qdq_nodes}
     if not keep:
         for file in workdir.iterdir():

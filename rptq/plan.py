@@ -62,7 +62,9 @@ class Recipe:
     wbits: int = 4
     abits: int = 16
     only_quant_kv: bool = False
-    clusters: dict[str, int] = field(default_factory=lambda: {str(k): v for k, v in DEFAULT_CLUSTERS.items()})
+    clusters: dict[str, int] = field(
+        default_factory=lambda: {str(k): v for k, v in DEFAULT_CLUSTERS.items()}
+    )
     granularity: Granularity = Granularity.CLUSTER
     act_metric: ActMetric = ActMetric.EMA_MINMAX
     weight_method: str = "rtn"
@@ -245,7 +247,9 @@ def validate_plan(plan: QuantPlan, where: str) -> None:
     for s in plan.sites:
         width = ffn if REORDERS[s.point].width == "ffn" else hidden
         if not is_permutation(s.perm, width):
-            raise PlanError(f"{where}: {s.key}.perm is not a permutation of {width} channels; {fix}")
+            raise PlanError(
+                f"{where}: {s.key}.perm is not a permutation of {width} channels; {fix}"
+            )
         if s.sizes.ndim != 1 or s.sizes.min(initial=1) < 1 or int(s.sizes.sum()) != width:
             raise PlanError(
                 f"{where}: {s.key}.sizes must be positive and sum to {width}, got sum "
@@ -256,12 +260,11 @@ def validate_plan(plan: QuantPlan, where: str) -> None:
         ):
             raise PlanError(f"{where}: {s.key} moves channels across heads; {fix}")
     for a in plan.acts:
-        if a.act in SITE_OF:
-            n = plan.site(a.layer, SITE_OF[a.act]).sizes.shape[0]
-        else:
-            n = 1
+        n = plan.site(a.layer, SITE_OF[a.act]).sizes.shape[0] if a.act in SITE_OF else 1
         if a.scale.shape != (n,) or a.zero.shape != (n,):
-            raise PlanError(f"{where}: {a.key} has {a.scale.shape[0]} scales for {n} clusters; {fix}")
+            raise PlanError(
+                f"{where}: {a.key} has {a.scale.shape[0]} scales for {n} clusters; {fix}"
+            )
         _check_scale(a.scale, f"{where}: {a.key}.scale")
         grid_bounds(a.bits)
     for w in plan.weights:
@@ -315,7 +318,9 @@ def read_plan(directory: Path, expect_hash: str | None) -> QuantPlan:
 
         tensors = load_file(str(tensor_file))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise PlanError(f"{tensor_file} is unreadable ({type(exc).__name__}); recalibrate") from None
+        raise PlanError(
+            f"{tensor_file} is unreadable ({type(exc).__name__}); recalibrate"
+        ) from None
     for key, info in meta.get("tensor_index", {}).items():
         got = tensors.get(key)
         if got is None or str(got.dtype) != info["dtype"] or list(got.shape) != info["shape"]:
@@ -323,11 +328,14 @@ def read_plan(directory: Path, expect_hash: str | None) -> QuantPlan:
     try:
         plan = _plan_from(meta, tensors)
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise PlanError(f"{json_file} is malformed ({type(exc).__name__}: {exc}); recalibrate") from None
+        raise PlanError(
+            f"{json_file} is malformed ({type(exc).__name__}: {exc}); recalibrate"
+        ) from None
     if expect_hash is not None and plan.model.config_hash != expect_hash:
         raise PlanError(
-            f"plan {directory} was made for model {plan.model.name} ({_describe(plan.model.shape)}),"
-            " which does not match this model; calibrate a plan for this model"
+            f"plan {directory} was made for model {plan.model.name} "
+            f"({_describe(plan.model.shape)}), which does not match this model; "
+            "calibrate a plan for this model"
         )
     validate_plan(plan, str(directory))
     return plan

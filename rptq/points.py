@@ -55,14 +55,18 @@ class ReorderSpec:
 REORDERS: dict[Reorder, ReorderSpec] = {
     Reorder.R1: ReorderSpec(Reorder.R1, (Act.ATTN_LN_OUT,), False, (Act.ATTN_LN_OUT,), "hidden"),
     Reorder.R2: ReorderSpec(Reorder.R2, (Act.Q_PROJ_OUT, Act.K), True, (Act.Q, Act.K), "hidden"),
-    Reorder.R3: ReorderSpec(Reorder.R3, (Act.OUT_PROJ_IN,), True, (Act.V, Act.OUT_PROJ_IN), "hidden"),
+    Reorder.R3: ReorderSpec(
+        Reorder.R3, (Act.OUT_PROJ_IN,), True, (Act.V, Act.OUT_PROJ_IN), "hidden"
+    ),
     Reorder.R4: ReorderSpec(Reorder.R4, (Act.FFN_LN_OUT,), False, (Act.FFN_LN_OUT,), "hidden"),
     Reorder.R5: ReorderSpec(Reorder.R5, (Act.FC2_IN,), False, (Act.FC2_IN,), "ffn"),
 }
 
 # Quantized activation -> the reorder point whose clusters it uses (attn_probs has none: it is
 # quantized per tensor on the fixed [0, 1] grid).
-SITE_OF: dict[Act, Reorder] = {act: spec.point for spec in REORDERS.values() for act in spec.quantized}
+SITE_OF: dict[Act, Reorder] = {
+    act: spec.point for spec in REORDERS.values() for act in spec.quantized
+}
 
 # Default clusters per reorder point, as RPTQ's main.py (R2/R3 counts are per head).
 DEFAULT_CLUSTERS: dict[Reorder, int] = {

@@ -103,7 +103,10 @@ def decoder_layer(
     heads, head_dim = shape.num_heads, shape.head_dim
 
     a = F.layer_norm(
-        hidden, (hidden_size,), w["self_attn_layer_norm.weight"], w["self_attn_layer_norm.bias"],
+        hidden,
+        (hidden_size,),
+        w["self_attn_layer_norm.weight"],
+        w["self_attn_layer_norm.bias"],
         LN_EPS,
     )
     a = tap(Act.ATTN_LN_OUT, a)

@@ -58,7 +58,9 @@ class ReferenceModel:
         tap: Tap = _no_tap
         if self.plan is not None:
             prefix = f"{layer_prefix(index)}."
-            quants = {w.fqn[len(prefix) :]: w for w in self.plan.weights if w.fqn.startswith(prefix)}
+            quants = {
+                w.fqn[len(prefix) :]: w for w in self.plan.weights if w.fqn.startswith(prefix)
+            }
             weights = apply_weights(weights, quants)
             tap = FakeQuantTap.from_plan(self.plan, index)
         if self._cache is not None:

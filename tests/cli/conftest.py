@@ -17,6 +17,15 @@ def model_dir(tmp_path_factory):
 def calib_args(data_dir):
     """Fast calibration flags for the tiny model."""
     return [
-        "--calib-dataset", "c4-sample", "--nsamples", "4", "--seq-len", "64",
-        "--clusters", "R1=8,R2=4,R3=4,R4=8,R5=16", "--data-dir", str(data_dir), "-q",
+        "--calib-dataset",
+        "c4-sample",
+        "--nsamples",
+        "4",
+        "--seq-len",
+        "64",
+        "--clusters",
+        "R1=8,R2=4,R3=4,R4=8,R5=16",
+        "--data-dir",
+        str(data_dir),
+        "-q",
     ]

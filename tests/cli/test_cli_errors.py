@@ -53,7 +53,9 @@ def test_unsupported_architecture(capsys, tmp_path):
 
 
 def test_abits_5(capsys, model_dir, tmp_path):
-    code, _, err = run(capsys, ["calibrate", str(model_dir), "--abits", "5", "-o", str(tmp_path / "p")])
+    code, _, err = run(
+        capsys, ["calibrate", str(model_dir), "--abits", "5", "-o", str(tmp_path / "p")]
+    )
     assert_one_line_error(code, err, "--abits 5")
 
 
@@ -84,8 +86,9 @@ def test_empty_or_short_calibration_text(capsys, model_dir, tmp_path, calib_args
 
 
 def test_unknown_eval_dataset(capsys, model_dir, data_dir):
-    code, _, err = run(capsys, ["eval", str(model_dir), "--datasets", "wikitext3",
-                                "--data-dir", str(data_dir)])
+    code, _, err = run(
+        capsys, ["eval", str(model_dir), "--datasets", "wikitext3", "--data-dir", str(data_dir)]
+    )
     assert_one_line_error(code, err, "wikitext3")
 
 
@@ -106,8 +109,9 @@ def test_output_directory_not_writable(capsys, model_dir, tmp_path, calib_args, 
 
 
 def test_output_directory_missing(capsys, model_dir, tmp_path, calib_args):
-    code, _, err = run(capsys, ["calibrate", str(model_dir), "-o", str(tmp_path / "a" / "b"),
-                                *calib_args])
+    code, _, err = run(
+        capsys, ["calibrate", str(model_dir), "-o", str(tmp_path / "a" / "b"), *calib_args]
+    )
     assert_one_line_error(code, err, "does not exist")
 
 

@@ -11,31 +11,60 @@ from rptq.plan import QuantPlan
 @pytest.fixture(scope="module")
 def plan_dir(model_dir, calib_args, tmp_path_factory):
     out = tmp_path_factory.mktemp("plans") / "w4a4"
-    assert main(["calibrate", str(model_dir), "--wbits", "4", "--abits", "4", "-o", str(out),
-                 *calib_args]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                str(model_dir),
+                "--wbits",
+                "4",
+                "--abits",
+                "4",
+                "-o",
+                str(out),
+                *calib_args,
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_calibrate_writes_a_valid_plan(plan_dir):
     plan = QuantPlan.load(plan_dir)
     assert plan.recipe.label() == "W4A4"
-    assert plan.recipe.calib_dataset == "c4-sample" and plan.recipe.seq_len == 64
+    assert plan.recipe.calib_dataset == "c4-sample"
+    assert plan.recipe.seq_len == 64
 
 
 def test_inspect_json(capsys, plan_dir):
     assert main(["inspect", str(plan_dir), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["recipe"] == "W4A4" and summary["layers"] == 2
+    assert summary["recipe"] == "W4A4"
+    assert summary["layers"] == 2
 
 
 def test_eval_reference_and_fp(capsys, model_dir, plan_dir, data_dir):
-    base = ["eval", str(model_dir), "--datasets", "wikitext2", "--seq-len", "64", "--limit", "2",
-            "--data-dir", str(data_dir), "--json", "-q"]
+    base = [
+        "eval",
+        str(model_dir),
+        "--datasets",
+        "wikitext2",
+        "--seq-len",
+        "64",
+        "--limit",
+        "2",
+        "--data-dir",
+        str(data_dir),
+        "--json",
+        "-q",
+    ]
     assert main(base) == 0
     fp = json.loads(capsys.readouterr().out)
     assert main([*base, "--plan", str(plan_dir)]) == 0
     quant = json.loads(capsys.readouterr().out)
-    assert fp["backend"] == "pytorch-fp" and quant["backend"] == "pytorch-reference"
+    assert fp["backend"] == "pytorch-fp"
+    assert quant["backend"] == "pytorch-reference"
     assert fp["windows"]["wikitext2"] == 2
     assert fp["perplexity"]["wikitext2"] != quant["perplexity"]["wikitext2"]
 
@@ -47,22 +76,36 @@ def test_plan_from_another_model_is_rejected(capsys, plan_dir, tmp_path):
     make_tiny_opt(num_layers=3, vocab_size=50272, max_positions=256).save_pretrained(other)
     code = main(["export", str(other), "--plan", str(plan_dir), "-o", str(tmp_path / "m.onnx")])
     err = capsys.readouterr().err
-    assert code == 1 and "does not match this model" in err
+    assert code == 1
+    assert "does not match this model" in err
     assert not (tmp_path / "m.onnx").exists()
 
 
 def test_export_with_plan_and_eval_onnx(capsys, model_dir, plan_dir, data_dir, tmp_path):
     out = tmp_path / "tiny-w4a4.onnx"
-    assert main(["export", str(model_dir), "--plan", str(plan_dir), "-o", str(out), "--json",
-                 "-q"]) == 0
+    assert (
+        main(["export", str(model_dir), "--plan", str(plan_dir), "-o", str(out), "--json", "-q"])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["bits"] == "W4A4"
     # 8 quantized activations per layer (2 layers); every Q has its DQ, plus 6 weight DQ per layer
     assert summary["QuantizeLinear nodes"] == 16
     assert summary["DequantizeLinear nodes"] == 16 + 12
-    assert out.exists() and [p.name for p in tmp_path.iterdir()] == [out.name]
-    base = ["--datasets", "wikitext2", "--seq-len", "64", "--limit", "2",
-            "--data-dir", str(data_dir), "--json", "-q"]
+    assert out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    base = [
+        "--datasets",
+        "wikitext2",
+        "--seq-len",
+        "64",
+        "--limit",
+        "2",
+        "--data-dir",
+        str(data_dir),
+        "--json",
+        "-q",
+    ]
     assert main(["eval", str(out), *base]) == 0
     ort = json.loads(capsys.readouterr().out)
     assert main(["eval", str(model_dir), "--plan", str(plan_dir), *base]) == 0
@@ -74,12 +117,29 @@ def test_export_with_plan_and_eval_onnx(capsys, model_dir, plan_dir, data_dir, t
 
 def test_default_command_calibrates_and_exports(capsys, model_dir, calib_args, tmp_path):
     out = tmp_path / "run.onnx"
-    assert main([str(model_dir), "--wbits", "4", "--abits", "4", "--only-quant-kv", "-o",
-                 str(out), "--json", *calib_args]) == 0
+    assert (
+        main(
+            [
+                str(model_dir),
+                "--wbits",
+                "4",
+                "--abits",
+                "4",
+                "--only-quant-kv",
+                "-o",
+                str(out),
+                "--json",
+                *calib_args,
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
-    assert summary["bits"] == "W4A4KV" and summary["QuantizeLinear nodes"] == 4
+    assert summary["bits"] == "W4A4KV"
+    assert summary["QuantizeLinear nodes"] == 4
     code = main([str(model_dir), "--wbits", "4", "-o", str(out), *calib_args])
-    assert code == 1 and "--force" in capsys.readouterr().err
+    assert code == 1
+    assert "--force" in capsys.readouterr().err
 
 
 def test_interrupted_export_leaves_nothing(capsys, model_dir, plan_dir, tmp_path, monkeypatch):
@@ -100,7 +160,8 @@ def test_eval_onnx_without_rptq_metadata(capsys, tmp_path, data_dir):
     graph = onnx.helper.make_graph([], "g", [], [])
     onnx.save(onnx.helper.make_model(graph), path)
     code = main(["eval", str(path), "--data-dir", str(data_dir)])
-    assert code == 1 and "not exported by rptq" in capsys.readouterr().err
+    assert code == 1
+    assert "not exported by rptq" in capsys.readouterr().err
 
 
 def test_readme_demo_command(capsys):
@@ -112,5 +173,6 @@ def test_readme_demo_command(capsys):
     fp_ppl = float(rows[0][1])
     for row in rows[1:]:
         ref, ort, diff = float(row[1]), float(row[2]), float(row[3].rstrip("%"))
-        assert abs(diff) < 0.5 and ref == pytest.approx(ort, rel=0.005)
+        assert abs(diff) < 0.5
+        assert ref == pytest.approx(ort, rel=0.005)
         assert ref >= fp_ppl * 0.99  # quantization does not beat the FP model by luck

@@ -29,8 +29,8 @@ from tests.tolerances import (
     FOLD_ATOL,
     LOGITS_MIN_SQNR_DB,
     PPL_MAX_REL_DIFF,
-    QDQ_MAX_FLIPPED_FRACTION,
     QDQ_DRIFT_MAX_STEPS,
+    QDQ_MAX_FLIPPED_FRACTION,
 )
 
 RECIPES = {
@@ -78,7 +78,10 @@ def ort_activations(graph: onnx.ModelProto, plan: QuantPlan, ids: torch.Tensor) 
         for name in wanted[(quant.layer, quant.act)]:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = make_session(model, optimize=False)
-    feeds = {names.GRAPH_INPUT_IDS: ids.numpy(), names.GRAPH_ATTENTION_MASK: np.ones_like(ids.numpy())}
+    feeds = {
+        names.GRAPH_INPUT_IDS: ids.numpy(),
+        names.GRAPH_ATTENTION_MASK: np.ones_like(ids.numpy()),
+    }
     flat = [name for pair in wanted.values() for name in pair]
     values = dict(zip(flat, session.run(flat, feeds), strict=True))
     return {key: (values[a], values[b]) for key, (a, b) in wanted.items()}
@@ -90,7 +93,11 @@ def positions_params(plan: QuantPlan, layer: int, act) -> tuple[np.ndarray, np.n
     if act not in SITE_OF:
         return quant.scale, quant.zero, quant.bits
     sizes = plan.site(layer, SITE_OF[act]).sizes
-    return expand_to_positions(quant.scale, sizes), expand_to_positions(quant.zero, sizes), quant.bits
+    return (
+        expand_to_positions(quant.scale, sizes),
+        expand_to_positions(quant.zero, sizes),
+        quant.bits,
+    )
 
 
 def activation_mismatches(loaded, plan_ref: QuantPlan, plan_graph: QuantPlan, ids) -> list[str]:
@@ -109,13 +116,17 @@ def activation_mismatches(loaded, plan_ref: QuantPlan, plan_graph: QuantPlan, id
         grid = fake_quant(before, scale, zero, bits)
         if not np.array_equal(grid, after):
             off = np.abs(grid - after).max() / scale.min()
-            failures.append(f"layer {layer} {act}: DQ output off the plan's grid by {off:.2f} steps")
+            failures.append(
+                f"layer {layer} {act}: DQ output off the plan's grid by {off:.2f} steps"
+            )
         want = ref[(layer, act)]
         if act in SITE_OF:  # the graph holds channels in folded (cluster-contiguous) order
             want = want[..., torch.from_numpy(plan_ref.site(layer, SITE_OF[act]).perm)]
         steps, flipped = steps_apart(want, torch.from_numpy(after), torch.from_numpy(scale))
         if steps > QDQ_DRIFT_MAX_STEPS or flipped > QDQ_MAX_FLIPPED_FRACTION:
-            failures.append(f"layer {layer} {act}: {steps:.2f} steps max, {flipped:.2%} codes differ")
+            failures.append(
+                f"layer {layer} {act}: {steps:.2f} steps max, {flipped:.2%} codes differ"
+            )
     return failures
 
 

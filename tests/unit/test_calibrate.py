@@ -25,7 +25,8 @@ def per_channel_params(plan, layer, act):
 
 def test_reference_16_16_reproduces_fp_logits_exactly(tiny_model, tiny_loaded, calibrate_tiny):
     plan = calibrate_tiny(wbits=16, abits=16)
-    assert plan.acts == () and plan.weights == ()
+    assert plan.acts == ()
+    assert plan.weights == ()
     ids = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = tiny_model(input_ids=ids).logits
@@ -71,7 +72,10 @@ def test_channel_count_clusters_equal_per_channel(calibrate_tiny, tiny_loaded):
     channel = calibrate_tiny(wbits=4, abits=4, granularity=Granularity.CHANNEL)
     for layer in range(2):
         for act in QUANTIZED_ACTS:
-            a, b = per_channel_params(clustered, layer, act), per_channel_params(channel, layer, act)
+            a, b = (
+                per_channel_params(clustered, layer, act),
+                per_channel_params(channel, layer, act),
+            )
             np.testing.assert_array_equal(a[0], b[0], err_msg=f"{act} layer {layer}")
             np.testing.assert_array_equal(a[1], b[1])
     ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(9))
@@ -93,12 +97,18 @@ def test_full_mode_bits_follow_rptq(calibrate_tiny):
     assert bits[Act.ATTN_LN_OUT] == bits[Act.FFN_LN_OUT] == 8  # LN outputs at max(8, A)
     assert bits[Act.ATTN_PROBS] == 8
     assert bits[Act.Q] == bits[Act.K] == bits[Act.V] == bits[Act.FC2_IN] == 4
-    assert len(plan.weights) == 12 and all(w.bits == 4 for w in plan.weights)
+    assert len(plan.weights) == 12
+    assert all(w.bits == 4 for w in plan.weights)
 
 
 def test_calibration_is_deterministic(tiny_loaded, tiny_windows, tmp_path):
-    recipe = Recipe(wbits=4, abits=4, nsamples=8, seq_len=64,
-                    clusters={"R1": 8, "R2": 4, "R3": 4, "R4": 8, "R5": 16})
+    recipe = Recipe(
+        wbits=4,
+        abits=4,
+        nsamples=8,
+        seq_len=64,
+        clusters={"R1": 8, "R2": 4, "R3": 4, "R4": 8, "R5": 16},
+    )
     for name in ("a", "b"):
         calibrate(tiny_loaded, tiny_windows, recipe).save(tmp_path / name)
     for file in ("plan.json", "tensors.safetensors"):
@@ -108,7 +118,8 @@ def test_calibration_is_deterministic(tiny_loaded, tiny_windows, tmp_path):
 def test_clusters_are_contiguous_runs_of_similar_channels(calibrate_tiny):
     plan = calibrate_tiny(wbits=16, abits=4)
     site = plan.site(0, "R5")
-    assert len(site.sizes) == 16 and site.sizes.sum() == FFN
+    assert len(site.sizes) == 16
+    assert site.sizes.sum() == FFN
 
 
 def test_quantization_error_shrinks_with_bits(tiny_loaded, calibrate_tiny):

@@ -27,7 +27,8 @@ def test_permutation_makes_clusters_contiguous():
     labels = rng.integers(0, 3, size=40)
     perm, sizes = cluster_channels(separated_points(rng, labels), groups=1, k=3)
     assert is_permutation(perm, 40)
-    assert sizes.sum() == 40 and (sizes >= 1).all()
+    assert sizes.sum() == 40
+    assert (sizes >= 1).all()
     # reordered positions hold one true label per contiguous run
     runs = np.split(labels[perm], np.cumsum(sizes)[:-1])
     assert all(len(set(run)) == 1 for run in runs)
@@ -43,7 +44,8 @@ def test_per_head_clusters_never_cross_heads():
     points = rng.normal(size=(64, 4))
     perm, sizes = cluster_channels(points, groups=4, k=3)
     assert is_block_diagonal(perm, 16)
-    assert len(sizes) == 12 and sizes.sum() == 64
+    assert len(sizes) == 12
+    assert sizes.sum() == 64
 
 
 def test_duplicate_points_give_fewer_clusters_not_empty_ones():
@@ -69,7 +71,8 @@ def test_deterministic():
 
 def test_fixed_clusters():
     perm, sizes = fixed_clusters(6, Granularity.TENSOR)
-    assert perm.tolist() == list(range(6)) and sizes.tolist() == [6]
+    assert perm.tolist() == list(range(6))
+    assert sizes.tolist() == [6]
     perm, sizes = fixed_clusters(6, Granularity.CHANNEL)
     assert sizes.tolist() == [1] * 6
 
@@ -83,5 +86,6 @@ def test_expand_and_reduce_are_consistent():
     assert expand_to_channels(values, perm, sizes).tolist() == [10, 20, 20, 10, 20]
     assert cluster_of_channel(perm, sizes).tolist() == [0, 1, 1, 0, 1]
     lo, hi = reduce_to_clusters(np.arange(5.0), np.arange(5.0) + 1, perm, sizes)
-    assert lo.tolist() == [0, 1] and hi.tolist() == [4, 5]
+    assert lo.tolist() == [0, 1]
+    assert hi.tolist() == [4, 5]
     assert inverse_permutation(perm)[perm].tolist() == list(range(5))

@@ -26,7 +26,8 @@ def test_grid_bounds():
 
 def test_symmetric_range_4bit_by_hand():
     scale, zero = affine_params(np.array([-1.0]), np.array([1.0]), 4)
-    assert scale[0] == np.float32(0.125) and zero[0] == 0
+    assert scale[0] == np.float32(0.125)
+    assert zero[0] == 0
     x = np.array([0.3, 1.0, -1.0, 0.0625])
     # 0.3/0.125 = 2.4 -> 2; 1.0 -> 8 clamps to 7 (top of range is one step below xmax);
     # -1 -> -8; 0.0625/0.125 = 0.5 -> 0 (half to even)
@@ -36,7 +37,8 @@ def test_symmetric_range_4bit_by_hand():
 
 def test_asymmetric_range_2bit_by_hand():
     scale, zero = affine_params(np.array([0.0]), np.array([3.0]), 2)
-    assert scale[0] == np.float32(0.75) and zero[0] == -2  # -(3+0)/(2*0.75) = -2
+    assert scale[0] == np.float32(0.75)
+    assert zero[0] == -2
     x = np.array([0.0, 1.0, 3.0])
     np.testing.assert_array_equal(quantize(x, scale, zero, 2), [-2, -1, 1])
     np.testing.assert_allclose(fake_quant(x, scale, zero, 2), [0.0, 0.75, 2.25])
@@ -80,8 +82,10 @@ def test_quantize_rows_matches_per_row_params():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(5, 16)).astype(np.float32)
     codes, scale, zero = quantize_rows(w, 4)
-    assert codes.dtype == np.int8 and codes.shape == w.shape
+    assert codes.dtype == np.int8
+    assert codes.shape == w.shape
     for r in range(5):
         s, z = affine_params(w[r].min(keepdims=True), w[r].max(keepdims=True), 4)
-        assert scale[r] == s[0] and zero[r] == z[0]
+        assert scale[r] == s[0]
+        assert zero[r] == z[0]
         np.testing.assert_array_equal(codes[r], quantize(w[r], s, z, 4))
