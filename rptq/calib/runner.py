@@ -117,7 +117,7 @@ def _act_quants(layer: int, observer: ClusterRangeObserver, recipe: Recipe) -> l
 def _weight_quants(layer: int, weights: dict[str, torch.Tensor], bits: int) -> list[WeightQuant]:
     out = []
     for linear in LINEARS:
-        codes, scale, zero = quantize_rows(weights[f"{linear}.weight"].numpy(), bits)
+        codes, scale, zero = quantize_rows(weights[f"{linear}.weight"].cpu().numpy(), bits)
         out.append(WeightQuant(f"{layer_prefix(layer)}.{linear}", bits, codes, scale, zero))
     return out
 
@@ -133,12 +133,11 @@ def calibrate(
     shape = model.shape
     check_recipe_fits(recipe, shape)
     rows, length = windows.shape
-    mask = torch.ones(1, length, dtype=torch.long, device=device)
-    additive = causal_mask(mask, torch.float32)
-    with torch.no_grad():
-        hidden = torch.cat(
-            [embed(windows[n : n + 1].to(device), mask, model.weights) for n in range(rows)]
-        )
+    mask = torch.ones(1, length, dtype=torch.long)
+    additive = causal_mask(mask, torch.float32).to(device)
+    with torch.no_grad():  # embeddings on the CPU (the table stays there), activations on device
+        hidden = torch.cat([embed(windows[n : n + 1], mask, model.weights) for n in range(rows)])
+    hidden = hidden.to(device)
     points = needed_points(recipe)
     stat_acts = {a for p in points for a in REORDERS[p].stats_from}
     sites: list[ReorderSite] = []

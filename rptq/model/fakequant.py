@@ -98,5 +98,5 @@ def apply_weights(
         quant = quants.get(linear)
         if quant is not None:
             original = layer_weights[f"{linear}.weight"]
-            out[f"{linear}.weight"] = dequantized_weight(quant).to(original.dtype)
+            out[f"{linear}.weight"] = dequantized_weight(quant).to(original.device, original.dtype)
     return out

@@ -8,6 +8,12 @@ from rptq.cli import main
 from rptq.plan import QuantPlan
 
 
+def quick_eval_flags(data_dir) -> list[str]:
+    """Two 64-token wikitext2 windows, JSON summary: enough to compare two backends."""
+    flags = ["--datasets", "wikitext2", "--seq-len", "64", "--limit", "2", "--json", "-q"]
+    return [*flags, "--data-dir", str(data_dir)]
+
+
 @pytest.fixture(scope="module")
 def plan_dir(model_dir, calib_args, tmp_path_factory):
     out = tmp_path_factory.mktemp("plans") / "w4a4"
@@ -45,20 +51,7 @@ def test_inspect_json(capsys, plan_dir):
 
 
 def test_eval_reference_and_fp(capsys, model_dir, plan_dir, data_dir):
-    base = [
-        "eval",
-        str(model_dir),
-        "--datasets",
-        "wikitext2",
-        "--seq-len",
-        "64",
-        "--limit",
-        "2",
-        "--data-dir",
-        str(data_dir),
-        "--json",
-        "-q",
-    ]
+    base = ["eval", str(model_dir), *quick_eval_flags(data_dir)]
     assert main(base) == 0
     fp = json.loads(capsys.readouterr().out)
     assert main([*base, "--plan", str(plan_dir)]) == 0
@@ -94,18 +87,7 @@ def test_export_with_plan_and_eval_onnx(capsys, model_dir, plan_dir, data_dir, t
     assert summary["DequantizeLinear nodes"] == 16 + 12
     assert out.exists()
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
-    base = [
-        "--datasets",
-        "wikitext2",
-        "--seq-len",
-        "64",
-        "--limit",
-        "2",
-        "--data-dir",
-        str(data_dir),
-        "--json",
-        "-q",
-    ]
+    base = quick_eval_flags(data_dir)
     assert main(["eval", str(out), *base]) == 0
     ort = json.loads(capsys.readouterr().out)
     assert main(["eval", str(model_dir), "--plan", str(plan_dir), *base]) == 0

@@ -11,6 +11,7 @@ from rptq.model.fakequant import channel_quant
 from rptq.plan import ActMetric, Granularity, Recipe
 from rptq.points import KV_ACTS, QUANTIZED_ACTS, SITE_OF, Act
 from rptq.runtime.reference import ReferenceModel
+from tests.conftest import TINY_CLUSTERS
 
 HIDDEN, HEAD_DIM, FFN = 64, 16, 256
 
@@ -102,13 +103,7 @@ def test_full_mode_bits_follow_rptq(calibrate_tiny):
 
 
 def test_calibration_is_deterministic(tiny_loaded, tiny_windows, tmp_path):
-    recipe = Recipe(
-        wbits=4,
-        abits=4,
-        nsamples=8,
-        seq_len=64,
-        clusters={"R1": 8, "R2": 4, "R3": 4, "R4": 8, "R5": 16},
-    )
+    recipe = Recipe(wbits=4, abits=4, nsamples=8, seq_len=64, clusters=dict(TINY_CLUSTERS))
     for name in ("a", "b"):
         calibrate(tiny_loaded, tiny_windows, recipe).save(tmp_path / name)
     for file in ("plan.json", "tensors.safetensors"):
