@@ -6,21 +6,12 @@ import pytest
 import torch
 
 
-def _functional_logits(loaded, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    from rptq.model.forward import causal_mask, decoder_layer, embed, final_logits, read_layer
-
-    with torch.no_grad():
-        hidden = embed(ids, mask, loaded.weights)
-        additive = causal_mask(mask, hidden.dtype)
-        for i in range(loaded.shape.num_layers):
-            hidden = decoder_layer(hidden, read_layer(loaded.weights, i), additive, loaded.shape)
-        return final_logits(hidden, loaded.weights)
-
-
 @pytest.fixture(scope="session")
 def functional_logits():
     """`(loaded, ids, mask) -> logits` of rptq.model.forward in fp32, which graphs reproduce."""
-    return _functional_logits
+    from rptq.runtime.reference import ReferenceModel
+
+    return lambda loaded, ids, mask: ReferenceModel(loaded)(ids, mask)
 
 
 @pytest.fixture(scope="session")
