@@ -21,7 +21,7 @@ from rptq.points import DEFAULT_CLUSTERS, Reorder
 
 log = logging.getLogger("rptq.cli")
 
-SUBCOMMANDS = ("run", "calibrate", "export", "eval", "inspect", "demo")
+SUBCOMMANDS = ("run", "calibrate", "export", "eval", "inspect", "demo", "check", "build-engine")
 EXAMPLES = {
     "run": "rptq-export opt-6.7b --wbits 4 --abits 4 --calib-dataset c4 -o opt-6.7b-w4a4.onnx",
     "calibrate": "rptq-export calibrate ./opt-125m --wbits 4 --abits 4 -o plans/opt-125m-w4a4",
@@ -29,6 +29,8 @@ EXAMPLES = {
     "eval": "rptq-export eval opt-125m-w4a4.onnx --datasets wikitext2 --tokenizer ./opt-125m",
     "inspect": "rptq-export inspect plans/opt-125m-w4a4",
     "demo": "rptq-export demo",
+    "check": "rptq-export check opt-125m-w4a4.onnx --target tensorrt --json",
+    "build-engine": "rptq-export build-engine opt-125m-w4a4.onnx -o opt-125m-w4a4.engine",
 }
 
 
@@ -76,6 +78,27 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--act-metric", choices=["ema_minmax", "minmax"], default="ema_minmax")
     group.add_argument(
+        "--weight-method",
+        choices=["rtn", "gptq", "gptqt"],
+        default="rtn",
+        help="weights: round to nearest, GPTQ, or GPTQT binary planes (GPTQ at wbits+1, BCQ)",
+    )
+    group.add_argument(
+        "--act-order", action="store_true", help="GPTQ/GPTQT: columns by decreasing Hessian"
+    )
+    group.add_argument(
+        "--weight-group-size",
+        type=int,
+        default=0,
+        help="input channels per weight scale, cut in the reordered order (0: one per row)",
+    )
+    group.add_argument(
+        "--lorc-rank", type=int, default=0, help="LoRC low-rank error compensation rank (0: none)"
+    )
+    group.add_argument(
+        "--lorc-bits", type=int, choices=[8, 16], default=16, help="LoRC factors int8 or float"
+    )
+    group.add_argument(
         "--calib-dataset",
         default="wikitext2",
         help="wikitext2, ptb, c4, mix, c4-sample, or a .txt file",
@@ -96,6 +119,21 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="output .onnx path")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--opset", type=int, default=21)
+    parser.add_argument(
+        "--target",
+        choices=["ort", "tensorrt"],
+        default="ort",
+        help="ort: per-cluster asymmetric Q/DQ; tensorrt: the TensorRT variant (scales folded, "
+        "per-tensor INT8 Q/DQ, symmetric weights; docs/tensorrt-rules.md)",
+    )
+    parser.add_argument(
+        "--int4-block",
+        type=int,
+        choices=[64, 128],
+        default=None,
+        help="with --target tensorrt: INT4 weights in blocks of this many input channels "
+        "(default: INT8 per output channel)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
@@ -139,8 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     _export_args(exp)
 
     ev = add("eval", "perplexity of a model, a model + plan (PyTorch reference) or an .onnx file")
-    ev.add_argument("model", help="OPT directory / hub id, or an exported .onnx file")
+    ev.add_argument(
+        "model", help="OPT directory / hub id, an exported .onnx file, or a TensorRT .engine"
+    )
     ev.add_argument("--plan", help="evaluate the fake-quant reference of this plan")
+    ev.add_argument(
+        "--target",
+        choices=["ort", "tensorrt"],
+        default="ort",
+        help="with --plan: the reference of the default export (ort) or of the TensorRT variant",
+    )
     ev.add_argument("--datasets", default="wikitext2", help="comma list of wikitext2, ptb, c4")
     ev.add_argument("--seq-len", type=int, default=None, help="window length (default: context)")
     ev.add_argument(
@@ -159,6 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", "the whole pipeline on an embedded tiny model, offline, in about a minute")
     demo.add_argument("--output-dir", help="keep the plans and .onnx files here")
     demo.add_argument("--steps", type=int, default=200, help="training steps of the tiny model")
+
+    chk = add("check", "check an ONNX file against a runtime's rules (exit 1 on a violation)")
+    chk.add_argument("onnx", help="ONNX file (external data is read from beside it)")
+    chk.add_argument(
+        "--target",
+        choices=["tensorrt", "ort"],
+        default="tensorrt",
+        help="tensorrt: TensorRT's Q/DQ and op rules (docs/tensorrt-rules.md); ort: onnx.checker",
+    )
+
+    eng = add("build-engine", "build a TensorRT engine from an ONNX file (needs TensorRT + GPU)")
+    eng.add_argument("onnx", help="ONNX file that passes `check --target tensorrt`")
+    eng.add_argument("-o", "--output", required=True, help="engine file to write")
+    eng.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
+    eng.add_argument("--timing-cache", help="timing cache file: read if present, then updated")
+    eng.add_argument("--max-seq-len", type=int, default=None, help="default: model context")
+    eng.add_argument("--max-batch", type=int, default=1, help="largest batch of the profile")
+    eng.add_argument(
+        "--opt-level", type=int, default=3, help="builder optimization level 0..5 (3 default)"
+    )
+    eng.add_argument("--force", action="store_true", help="overwrite an existing engine")
     return parser
 
 
@@ -196,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rlog.setup(-1 if args.quiet else min(args.verbose, 1))
     from rptq import commands
 
-    handler = getattr(commands, f"cmd_{args.command}")
+    handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     try:
         summary = handler(args)
     except RptqError as exc:
@@ -206,4 +273,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     _emit(summary, args.json)
-    return 0
+    return 1 if summary.get("status") == "fail" else 0  # a failed `check`

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rptq.errors import ConfigError, DataError
 from rptq.io import check_output
@@ -35,6 +35,11 @@ def _recipe(args: argparse.Namespace, max_positions: int | None = None) -> Recip
         "nsamples": args.nsamples,
         "seq_len": seq_len,
         "seed": args.seed,
+        "weight_method": args.weight_method,
+        "act_order": args.act_order,
+        "weight_group_size": args.weight_group_size,
+        "lorc_rank": args.lorc_rank,
+        "lorc_bits": args.lorc_bits,
     }
     if args.clusters is not None:
         fields["clusters"] = args.clusters
@@ -79,6 +84,19 @@ def _calibrate(args: argparse.Namespace, total_stages: int) -> tuple[Any, QuantP
     return model, plan, time.perf_counter() - started
 
 
+def _weight_method(recipe: Recipe) -> str:
+    """e.g. `gptq, act-order, LoRC rank 8 (int8 factors)`."""
+    parts = [str(recipe.weight_method)]
+    if recipe.act_order:
+        parts.append("act-order")
+    if recipe.weight_group_size:
+        parts.append(f"groups of {recipe.weight_group_size}")
+    if recipe.lorc_rank:
+        kind = "int8" if recipe.lorc_bits == 8 else "float"
+        parts.append(f"LoRC rank {recipe.lorc_rank} ({kind} factors)")
+    return ", ".join(parts)
+
+
 def _plan_summary(plan: QuantPlan) -> Summary:
     clusters = {}
     for point in ("R1", "R2", "R3", "R4", "R5"):
@@ -92,6 +110,7 @@ def _plan_summary(plan: QuantPlan) -> Summary:
         "layers": plan.model.shape["num_layers"],
         "quantized activations per layer": len(plan.acts) // max(plan.model.shape["num_layers"], 1),
         "quantized weights": len(plan.weights),
+        "weight method": _weight_method(plan.recipe),
         "clusters": clusters or "none (no activation quantization)",
     }
 
@@ -109,10 +128,29 @@ def cmd_calibrate(args: argparse.Namespace) -> Summary:
     }
 
 
-def _export_summary(summary: Any, plan: QuantPlan | None) -> Summary:
+def _pass_target(args: argparse.Namespace) -> Literal["ort", "trt"]:
+    """The passes' target for `--target`; option clashes fail before any expensive work."""
+    target = getattr(args, "target", "ort")
+    block = getattr(args, "int4_block", None)
+    if block is not None and target != "tensorrt":
+        raise ConfigError("--int4-block applies to --target tensorrt only")
+    if target == "tensorrt" and (
+        getattr(args, "weight_method", "rtn") == "gptqt"
+        or getattr(args, "lorc_rank", 0)
+        or getattr(args, "weight_group_size", 0)
+    ):
+        raise ConfigError(
+            "--target tensorrt does not support --weight-method gptqt, --lorc-rank or "
+            "--weight-group-size yet; use per-row rtn or gptq weights, or --target ort"
+        )
+    return "trt" if target == "tensorrt" else "ort"
+
+
+def _export_summary(summary: Any, plan: QuantPlan | None, target: str = "ort") -> Summary:
     return {
         "files": [f"{path} ({human_bytes(size)})" for path, size in summary.files],
         "bits": summary.label,
+        "target": "tensorrt" if target == "trt" else "ort",
         "QuantizeLinear nodes": summary.op_counts.get("QuantizeLinear", 0),
         "DequantizeLinear nodes": summary.op_counts.get("DequantizeLinear", 0),
         "plan": plan.model.name if plan is not None else "none (FP export)",
@@ -126,14 +164,17 @@ def cmd_run(args: argparse.Namespace) -> Summary:
 
     output = Path(args.output)
     check_output(output, args.force)
+    target = _pass_target(args)
     if args.plan:
         model = load_model(args.model)
         plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
     else:
         model, plan, _ = _calibrate(args, 4)
     with stage(4, 4, f"exporting {output}"):
-        summary = export_onnx(model, plan, output, args.dtype, args.opset, args.force)
-    return _export_summary(summary, plan)
+        summary = export_onnx(
+            model, plan, output, args.dtype, args.opset, args.force, target, args.int4_block or 0
+        )
+    return _export_summary(summary, plan, target)
 
 
 def cmd_export(args: argparse.Namespace) -> Summary:
@@ -142,12 +183,15 @@ def cmd_export(args: argparse.Namespace) -> Summary:
 
     output = Path(args.output)
     check_output(output, args.force)
+    target = _pass_target(args)
     with stage(1, 2, f"loading {args.model} and plan {args.plan}"):
         model = load_model(args.model)
         plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
     with stage(2, 2, f"exporting {output}"):
-        summary = export_onnx(model, plan, output, args.dtype, args.opset, args.force)
-    return _export_summary(summary, plan)
+        summary = export_onnx(
+            model, plan, output, args.dtype, args.opset, args.force, target, args.int4_block or 0
+        )
+    return _export_summary(summary, plan, target)
 
 
 def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
@@ -167,6 +211,11 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
 
     datasets = parse_list(args.datasets, EVAL_DATASETS, "dataset")
     path = Path(args.model)
+    if args.target == "tensorrt" and not args.plan:
+        raise ConfigError(
+            "--target tensorrt evaluates the TensorRT variant's reference of a --plan; an .onnx "
+            "or .engine file already is one target's graph"
+        )
     if path.suffix == ".onnx":
         if not path.is_file():
             raise ConfigError(f"{path} does not exist")
@@ -176,6 +225,14 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
 
         max_positions, model_dir = _onnx_seq_len(path)
         backend, logits_fn = "onnxruntime", OrtLogits(make_session(path, [args.providers]))
+    elif path.suffix == ".engine":
+        if args.plan:
+            raise ConfigError("--plan applies to a PyTorch model, not to a TensorRT engine")
+        from rptq.runtime.trt import TrtLogits
+
+        engine = TrtLogits(path)
+        max_positions, model_dir = engine.max_seq_len, None
+        backend, logits_fn = "tensorrt", engine
     else:
         from rptq.model.load import load_model
         from rptq.runtime.reference import ReferenceModel
@@ -185,6 +242,10 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
         max_positions, model_dir = model.shape.max_positions, model.directory
         backend = "pytorch-reference" if plan is not None else "pytorch-fp"
         logits_fn = ReferenceModel(model, plan)
+        if plan is not None and args.target == "tensorrt":
+            from rptq.runtime.trt_reference import TrtReferenceModel
+
+            backend, logits_fn = "pytorch-reference-tensorrt", TrtReferenceModel(model, plan)
     seq_len = args.seq_len or max_positions
     data_dir = resolve_data_dir(args.data_dir)
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else model_dir, data_dir)
@@ -213,3 +274,64 @@ def cmd_demo(args: argparse.Namespace) -> Summary:
     from rptq.demo import run_demo
 
     return run_demo(Path(args.output_dir) if args.output_dir else None, steps=args.steps)
+
+
+def cmd_check(args: argparse.Namespace) -> Summary:
+    """Check an ONNX file against TensorRT's rules (or the ONNX checker for ORT)."""
+    from rptq.passes.check_target import check_file, errors
+
+    path = Path(args.onnx)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    violations = check_file(path, "trt" if args.target == "tensorrt" else "ort")
+    failed = errors(violations)
+    summary: Summary = {
+        "model": str(path),
+        "target": args.target,
+        "status": "fail" if failed else "pass",
+        "errors": len(failed),
+        "warnings": len(violations) - len(failed),
+    }
+    if args.json:
+        summary["violations"] = [v.as_dict() for v in violations]
+    elif violations:
+        summary["violations"] = [v.line() for v in violations]
+    return summary
+
+
+def cmd_build_engine(args: argparse.Namespace) -> Summary:
+    """Build a TensorRT engine after checking the ONNX file against TensorRT's rules."""
+    from rptq.log import human_bytes
+    from rptq.passes.check_target import check_file, errors
+    from rptq.runtime.trt import EngineOptions, build_engine, import_tensorrt
+
+    source, output = Path(args.onnx), Path(args.output)
+    if not source.is_file():
+        raise ConfigError(f"{source} does not exist")
+    check_output(output, args.force)
+    max_seq_len = args.max_seq_len or _onnx_seq_len(source)[0]
+    options = EngineOptions(
+        workspace_gib=args.workspace_gib,
+        max_batch=args.max_batch,
+        max_seq_len=max_seq_len,
+        optimization_level=args.opt_level,
+        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+    )
+    import_tensorrt()  # fail in a second, before the check of a large model
+    failed = errors(check_file(source, "trt"))
+    if failed:
+        from rptq.errors import TargetRuleError
+
+        raise TargetRuleError(
+            f"{source} breaks {len(failed)} TensorRT rules (first: {failed[0].line()}); "
+            f"see `rptq-export check {source} --target tensorrt`"
+        )
+    with stage(1, 1, f"building {output} (TensorRT)"):
+        built = build_engine(source, output, options, force=args.force)
+    return {
+        "engine": f"{built.engine} ({human_bytes(built.size_bytes)})",
+        "tensorrt": built.tensorrt_version,
+        "max_seq_len": max_seq_len,
+        "timing_cache": str(built.timing_cache) if built.timing_cache else "none",
+        "build_s": round(built.build_s, 1),
+    }

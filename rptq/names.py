@@ -117,3 +117,97 @@ def quantized_weight(module_path: str) -> dict[str, str]:
         "node": f"{module_path}/weight/DequantizeLinear",
         "output": f"{module_path}.weight_dequantized",
     }
+
+
+def binary_weight(module_path: str, planes: int) -> dict[str, str]:
+    """Names of a GPTQT weight: `planes` INT4/INT2 ±1 planes, one DequantizeLinear each
+    (scale α_i per output channel, zero point 0), summed in plane order, plus the offset β.
+
+    The sum's result is `<module>.weight_dequantized`, the same tensor name a linear
+    DequantizeLinear writes, so every weight feeds its MatMul through one name.
+    """
+    out = {
+        "offset": f"{module_path}.weight_offset",
+        "offset_node": f"{module_path}/weight/offset/Add",
+        "output": f"{module_path}.weight_dequantized",
+    }
+    for i in range(planes):
+        out[f"plane{i}"] = f"{module_path}.weight_plane{i}"
+        out[f"plane{i}_scale"] = f"{module_path}.weight_plane{i}_scale"
+        out[f"plane{i}_zero_point"] = f"{module_path}.weight_plane{i}_zero_point"
+        out[f"plane{i}_node"] = f"{module_path}/weight/plane{i}/DequantizeLinear"
+        out[f"plane{i}_dequantized"] = f"{module_path}.weight_plane{i}_dequantized"
+        if i > 0:  # running sum of planes 0..i
+            out[f"sum{i}_node"] = f"{module_path}/weight/plane{i}/Add"
+            out[f"sum{i}"] = f"{module_path}.weight_sum{i}"
+    return out
+
+
+def lorc(module_path: str) -> dict[str, str]:
+    """Names of a LoRC branch `x -> MatMul(V̂ [in, R]) -> MatMul(Ûᵀ [R, out]) -> Add` beside a
+    linear's MatMul; factors are float initializers, or int8 codes with a DequantizeLinear.
+    """
+    out = {
+        "add_node": f"{module_path}/lorc/Add",
+        "output": f"{module_path}/lorc/output",
+    }
+    for factor in ("v", "u"):
+        out[factor] = f"{module_path}.lorc_{factor}"
+        out[f"{factor}_quantized"] = f"{module_path}.lorc_{factor}_quantized"
+        out[f"{factor}_scale"] = f"{module_path}.lorc_{factor}_scale"
+        out[f"{factor}_zero_point"] = f"{module_path}.lorc_{factor}_zero_point"
+        out[f"{factor}_dq_node"] = f"{module_path}/lorc/{factor}/DequantizeLinear"
+        out[f"{factor}_dequantized"] = f"{module_path}.lorc_{factor}_dequantized"
+        out[f"{factor}_matmul"] = f"{module_path}/lorc/{factor}/MatMul"
+        out[f"{factor}_output"] = f"{module_path}/lorc/{factor}_output"
+    return out
+
+
+def trt_act(act_name: str) -> dict[str, str]:
+    """Names of the TensorRT variant's nodes around activation tensor `act_name`.
+
+    Producer side (where the fold into a producer is not exact): `Div(s)` and `Add(z)`, or
+    `Sub(c)` for a per-tensor grid, writing `<act>/folded` (the tensor the INT8 Q reads);
+    a scalar `Clip` to the bits-wide grid before the Q; consumer side (no weight to fold
+    into): `Sub(z)` then `Mul(s)`, or `Add(c)`, writing `<act>/restored`.
+    """
+    return {
+        "div_node": f"{act_name}/fold/Div",
+        "div_scale": f"{act_name}/fold/scale",
+        "divided": f"{act_name}/fold/divided",
+        "shift_node": f"{act_name}/fold/Add",
+        "shift": f"{act_name}/fold/zero_point",
+        "offset_node": f"{act_name}/fold/Sub",
+        "offset": f"{act_name}/fold/offset",
+        "folded": f"{act_name}/folded",
+        "clip_node": f"{act_name}/Clip",
+        "clip_min": f"{act_name}/clip_min",
+        "clip_max": f"{act_name}/clip_max",
+        "clipped": f"{act_name}/clipped",
+        "unshift_node": f"{act_name}/unfold/Sub",
+        "unshift": f"{act_name}/unfold/zero_point",
+        "centered": f"{act_name}/unfold/centered",
+        "rescale_node": f"{act_name}/unfold/Mul",
+        "rescale": f"{act_name}/unfold/scale",
+        "unoffset_node": f"{act_name}/unfold/Add",
+        "unoffset": f"{act_name}/unfold/offset",
+        "restored": f"{act_name}/restored",
+    }
+
+
+def weight_zero_correction(module_path: str) -> dict[str, str]:
+    """Names of `y -= ReduceSum(x) ⊗ (s_w ∘ z_w)`: an asymmetric weight on a zero-point-0 DQ.
+
+    TensorRT's INT4 weights are symmetric and block-scaled, so a plan weight with per-row zero
+    points is stored as its codes and the zero points' contribution is subtracted per token.
+    """
+    return {
+        "reduce_node": f"{module_path}/weight_zero/ReduceSum",
+        "axes": f"{module_path}/weight_zero/axes",
+        "reduced": f"{module_path}/weight_zero/input_sum",
+        "mul_node": f"{module_path}/weight_zero/Mul",
+        "row": f"{module_path}.weight_zero_row",
+        "product": f"{module_path}/weight_zero/correction",
+        "sub_node": f"{module_path}/weight_zero/Sub",
+        "output": f"{module_path}/weight_zero/output",
+    }

@@ -21,6 +21,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rptq.errors import ConfigError, PlanError
+from rptq.plan_weights import (
+    BinaryCode,
+    LowRank,
+    binary_from,
+    check_weight_extras,
+    extra_json,
+    extra_tensors,
+    group_count,
+    groups_from,
+    lorc_from,
+    weight_values,
+)
 from rptq.points import (
     DEFAULT_CLUSTERS,
     KV_ACTS,
@@ -48,6 +60,17 @@ class Granularity(StrEnum):
     CHANNEL = "channel"  # one per channel: the upper bound clustering approaches
 
 
+class WeightMethod(StrEnum):
+    """How linear weights are quantized (docs/algorithms.md §2.8, §3, §5)."""
+
+    RTN = "rtn"  # round to nearest on RPTQ's per-row grid
+    GPTQ = "gptq"  # GPTQ column sweep with Hessian error feedback, same grid
+    GPTQT = "gptqt"  # GPTQ at wbits + 1, then re-coded as wbits binary planes (BCQ)
+
+
+LORC_BITS_CHOICES = (8, 16)  # LoRC factors: int8 per row, or float
+
+
 class ActMetric(StrEnum):
     """How per-row activation ranges combine across calibration rows."""
 
@@ -67,11 +90,17 @@ class Recipe:
     )
     granularity: Granularity = Granularity.CLUSTER
     act_metric: ActMetric = ActMetric.EMA_MINMAX
-    weight_method: str = "rtn"
+    weight_method: WeightMethod = WeightMethod.RTN
     calib_dataset: str = "wikitext2"
     nsamples: int = 128
     seq_len: int = 2048
     seed: int = 2
+    lorc_rank: int = 0  # LoRC rank R of the weight-error correction; 0 = none
+    lorc_bits: int = 16  # LoRC factors in float (16) or int8 per row (8)
+    gptq_percdamp: float = 0.01  # GPTQ dampening, a fraction of mean(diag(H))
+    gptq_block_size: int = 128  # GPTQ lazy-batch width (columns updated together)
+    act_order: bool = False  # GPTQ visits columns by decreasing Hessian diagonal
+    weight_group_size: int = 0  # input channels per weight scale (graph order); 0 = per row
 
     def __post_init__(self) -> None:
         if not (2 <= self.wbits <= 8 or self.wbits == 16):
@@ -85,12 +114,43 @@ class Recipe:
         for point, count in self.clusters.items():
             if count < 1:
                 raise ConfigError(f"--clusters for {point} must be >= 1, got {count}")
-        if self.weight_method != "rtn":
-            raise ConfigError(f"--weight-method {self.weight_method} is not supported; use rtn")
+        self._check_weight_method()
         if self.nsamples < 1 or self.seq_len < 2:
             raise ConfigError("--nsamples must be >= 1 and --seq-len >= 2")
         object.__setattr__(self, "granularity", Granularity(self.granularity))
         object.__setattr__(self, "act_metric", ActMetric(self.act_metric))
+
+    def _check_weight_method(self) -> None:
+        choices = ", ".join(m.value for m in WeightMethod)
+        if self.weight_method not in {m.value for m in WeightMethod}:
+            raise ConfigError(
+                f"--weight-method {self.weight_method} is not supported; use one of {choices}"
+            )
+        object.__setattr__(self, "weight_method", WeightMethod(self.weight_method))
+        if self.weight_method is WeightMethod.GPTQT and not 2 <= self.wbits <= 7:
+            raise ConfigError(
+                f"--weight-method gptqt needs --wbits 2..7 (it quantizes to wbits + 1 first), "
+                f"got {self.wbits}"
+            )
+        if self.lorc_rank < 0:
+            raise ConfigError(f"--lorc-rank must be >= 0, got {self.lorc_rank}")
+        if self.lorc_rank and self.wbits >= 16:
+            raise ConfigError("--lorc-rank needs quantized weights (--wbits below 16)")
+        if self.lorc_bits not in LORC_BITS_CHOICES:
+            raise ConfigError(f"--lorc-bits must be 8 or 16, got {self.lorc_bits}")
+        if not 0 < self.gptq_percdamp <= 1:
+            raise ConfigError(f"GPTQ dampening must be in (0, 1], got {self.gptq_percdamp}")
+        if self.gptq_block_size < 1:
+            raise ConfigError(f"GPTQ block size must be >= 1, got {self.gptq_block_size}")
+        if self.act_order and self.weight_method is WeightMethod.RTN:
+            raise ConfigError("--act-order needs --weight-method gptq or gptqt")
+        if self.weight_group_size < 0:
+            raise ConfigError(f"--weight-group-size must be >= 0, got {self.weight_group_size}")
+        if self.weight_group_size and self.weight_method is WeightMethod.GPTQT:
+            raise ConfigError(
+                "--weight-group-size is not supported with --weight-method gptqt (its binary "
+                "planes carry one scale per row); use rtn or gptq"
+            )
 
     @property
     def quantized_acts(self) -> tuple[Act, ...]:
@@ -139,17 +199,32 @@ class ActQuant:
 
 @dataclass(frozen=True, slots=True)
 class WeightQuant:
-    """Integer codes of one linear weight [out, in] (Hugging Face layout), per-row scale/zero."""
+    """Integer codes of one linear weight [out, in] (Hugging Face layout), per-row scale/zero.
+
+    `binary` (GPTQT) replaces the linear dequantization by binary planes; `lorc` adds a
+    low-rank correction. Either is None for plain RTN/GPTQ codes. With `group_index`, scale
+    and zero are [out, groups] and input channel j uses column group_index[j] (groups are
+    contiguous blocks in the exported graph's channel order, see plan_weights).
+    """
 
     fqn: str
     bits: int
     codes: NDArray[np.int8]
     scale: NDArray[np.float32]
     zero: NDArray[np.int32]
+    binary: BinaryCode | None = None
+    lorc: LowRank | None = None
+    group_index: NDArray[np.int32] | None = None  # [in]: scale column of each input channel
 
     @property
     def key(self) -> str:
         return self.fqn
+
+    def values(self) -> NDArray[np.float32]:
+        """The float weight [out, in] this entry stands for (what the reference multiplies by)."""
+        return weight_values(
+            self.codes, self.scale, self.zero, self.bits, self.binary, self.lorc, self.group_index
+        )
 
 
 @dataclass(frozen=True)
@@ -214,6 +289,9 @@ class QuantPlan:
             tensors[f"{w.key}.codes"] = w.codes.astype(np.int8)
             tensors[f"{w.key}.scale"] = w.scale.astype(np.float32)
             tensors[f"{w.key}.zero"] = w.zero.astype(np.int32)
+            tensors.update(extra_tensors(w.key, w.binary, w.lorc, w.group_index))
+        # safetensors writes an array's memory as is: a Fortran-ordered one would load transposed
+        tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         index = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()}
         return tensors, index
 
@@ -221,13 +299,17 @@ class QuantPlan:
         recipe = asdict(self.recipe)
         recipe["granularity"] = str(self.recipe.granularity)
         recipe["act_metric"] = str(self.recipe.act_metric)
+        recipe["weight_method"] = str(self.recipe.weight_method)
         return {
             "schema_version": self.schema_version,
             "model": asdict(self.model),
             "recipe": recipe,
             "sites": [{"layer": s.layer, "point": str(s.point)} for s in self.sites],
             "acts": [{"layer": a.layer, "act": str(a.act), "bits": a.bits} for a in self.acts],
-            "weights": [{"fqn": w.fqn, "bits": w.bits} for w in self.weights],
+            "weights": [
+                {"fqn": w.fqn, "bits": w.bits, **extra_json(w.binary, w.lorc, w.group_index)}
+                for w in self.weights
+            ],
             "provenance": self.provenance,
             "tensor_index": index,
         }
@@ -270,11 +352,15 @@ def validate_plan(plan: QuantPlan, where: str) -> None:
     for w in plan.weights:
         qmin, qmax = grid_bounds(w.bits)
         rows = w.codes.shape[0]
-        if w.scale.shape != (rows,) or w.zero.shape != (rows,):
+        shape = (rows,) if w.group_index is None else (rows, group_count(w.group_index))
+        if w.scale.shape != shape or w.zero.shape != shape:
             raise PlanError(f"{where}: {w.key} scale/zero do not match {rows} rows; {fix}")
         if w.codes.size and (int(w.codes.min()) < qmin or int(w.codes.max()) > qmax):
             raise PlanError(f"{where}: {w.key}.codes leave the {w.bits}-bit grid; {fix}")
         _check_scale(w.scale, f"{where}: {w.key}.scale")
+        check_weight_extras(
+            w.key, w.codes.shape, w.bits, w.binary, w.lorc, f"{where}: ", w.group_index
+        )
 
 
 def _check_scale(scale: NDArray[np.float32], what: str) -> None:
@@ -373,6 +459,9 @@ def _plan_from(meta: dict[str, Any], tensors: dict[str, NDArray[Any]]) -> QuantP
             tensors[f"{w['fqn']}.codes"],
             tensors[f"{w['fqn']}.scale"],
             tensors[f"{w['fqn']}.zero"],
+            binary_from(w, tensors),
+            lorc_from(w, tensors),
+            groups_from(w, tensors),
         )
         for w in meta["weights"]
     )

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import onnx
 import torch
@@ -56,9 +57,18 @@ class ExportSummary:
 
 
 def quantized_graph(
-    model: LoadedModel, plan: QuantPlan | None, dtype: str = "float32", opset: int = 21
+    model: LoadedModel,
+    plan: QuantPlan | None,
+    dtype: str = "float32",
+    opset: int = 21,
+    target: Literal["ort", "trt"] = "ort",
+    int4_block_size: int = 0,
 ) -> onnx.ModelProto:
-    """The FP graph with the plan's reorders folded and its Q/DQ inserted (FP if no plan)."""
+    """The FP graph with the plan's reorders folded and its Q/DQ inserted (FP if no plan).
+
+    `target` "trt" writes the TensorRT variant (docs/tensorrt-rules.md, "Implementation");
+    `int4_block_size` (64/128, "trt" only) stores its weights as blocked INT4.
+    """
     from rptq.exporter.opt import build_fp_graph
     from rptq.passes.context import PassContext
     from rptq.passes.pipeline import run_passes
@@ -66,7 +76,13 @@ def quantized_graph(
     graph = build_fp_graph(model, dtype=dtype, opset=opset)  # type: ignore[arg-type]
     if plan is None:
         return graph
-    graph, results = run_passes(graph, PassContext(plan=plan, opset=opset))
+    ctx = PassContext(
+        plan=plan,
+        opset=opset,
+        target=target,
+        int4_block_size=int4_block_size,
+    )
+    graph, results = run_passes(graph, ctx)
     for result in results:
         log.debug("pass %s: %s", result.name, dict(result.counts))
     return graph
@@ -79,11 +95,13 @@ def export_onnx(
     dtype: str = "float32",
     opset: int = 21,
     force: bool = False,
+    target: Literal["ort", "trt"] = "ort",
+    int4_block_size: int = 0,
 ) -> ExportSummary:
     """Build, transform and atomically save the ONNX model; report files, sizes and op counts."""
     from rptq.exporter.save import save_onnx
 
-    graph = quantized_graph(model, plan, dtype, opset)
+    graph = quantized_graph(model, plan, dtype, opset, target, int4_block_size)
     counts = Counter(node.op_type for node in graph.graph.node)
     paths = save_onnx(graph, Path(output), force=force)
     label = plan.recipe.label() if plan is not None else "FP"

@@ -19,3 +19,16 @@ QDQ_MAX_FLIPPED_FRACTION = 0.01
 LOGITS_MIN_SQNR_DB = 30.0
 # Perplexity of ORT vs the reference, relative (the acceptance bound).
 PPL_MAX_REL_DIFF = 0.005
+
+# TensorRT engine of the FP16 graph (strongly typed: FP16 storage and math, FP32 accumulation
+# in GEMMs and LayerNorm) vs ORT CPU on the FP32 graph. Not yet measured: TensorRT cannot be
+# installed where these tests were written. FP16 rounding alone (2^-11 relative per op) keeps
+# logits far above the 30 dB the Q/DQ parity uses; tighten after the first GPU run.
+TRT_FP16_LOGITS_MIN_SQNR_DB = 30.0
+TRT_FP16_PPL_MAX_REL_DIFF = 0.01
+
+# TensorRT variant exported in float16 (ORT CPU) vs its fp32 PyTorch reference. U = X/s + z is
+# held in fp16 (11-bit mantissa, about 4e-3 absolute at |U| = 8), so A4 codes near a rounding
+# boundary flip: measured on the tiny model 20.8 dB at W4A4 (the default target's fp16 export:
+# 21.8 dB), 33.1 dB at W4A8, 61.6 dB at W4A16. A wrong fold or scale cast gives < 12 dB.
+TRT_VARIANT_FP16_MIN_SQNR_DB = 18.0

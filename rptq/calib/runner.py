@@ -5,8 +5,9 @@ entering it; each row is pushed through the layer on its own. Per layer (RPTQ se
 
 1. statistics pass on the float layer: global per-channel (max, min) at R1..R5;
 2. clustering: KMeans per reorder point -> permutation and cluster sizes;
-3. activation calibration pass (float layer): per-cluster ranges -> scales and zero points;
-4. weights: round-to-nearest codes per output row;
+3. activation calibration pass (float layer): per-cluster ranges -> scales and zero points,
+   and (GPTQ/GPTQT) the Hessians of the six linears' inputs;
+4. weights: RTN, GPTQ or GPTQT codes per output row, optionally LoRC (calib/weight_methods.py);
 5. output pass with fake-quantized weights and activations: the next layer's inputs.
 
 So activation ranges of layer i are measured inside the float layer i, on the quantized outputs
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 
 from rptq.calib.cluster import cluster_channels, fixed_clusters
+from rptq.calib.gptq import HessianTap
 from rptq.calib.observers import ChannelRangeObserver, ClusterRangeObserver
+from rptq.calib.weight_methods import hessian_tap, needs_hessian, quantize_layer
 from rptq.errors import ConfigError
 from rptq.model.fakequant import FakeQuantTap, apply_weights
 from rptq.model.forward import causal_mask, decoder_layer, embed, read_layer
@@ -41,9 +44,9 @@ from rptq.plan import (
     WeightQuant,
     default_provenance,
 )
-from rptq.points import LINEARS, REORDERS, SITE_OF, Act, Reorder
+from rptq.points import REORDERS, SITE_OF, Act, Reorder
 from rptq.quant.clusters import cluster_of_channel
-from rptq.quant.qparams import affine_params, quantize_rows
+from rptq.quant.qparams import affine_params
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,12 @@ ProgressFn = Callable[[int, int], None]
 
 def check_recipe_fits(recipe: Recipe, shape: OptShape) -> None:
     """Reject cluster counts the model cannot have, before any expensive work."""
+    group = recipe.weight_group_size
+    if group and recipe.wbits < 16 and (shape.hidden_size % group or shape.ffn_dim % group):
+        raise ConfigError(
+            f"--weight-group-size {group} must divide the linears' input widths "
+            f"({shape.hidden_size} and {shape.ffn_dim})"
+        )
     if recipe.granularity is not Granularity.CLUSTER:
         return
     for point, spec in REORDERS.items():
@@ -114,14 +123,6 @@ def _act_quants(layer: int, observer: ClusterRangeObserver, recipe: Recipe) -> l
     return out
 
 
-def _weight_quants(layer: int, weights: dict[str, torch.Tensor], bits: int) -> list[WeightQuant]:
-    out = []
-    for linear in LINEARS:
-        codes, scale, zero = quantize_rows(weights[f"{linear}.weight"].cpu().numpy(), bits)
-        out.append(WeightQuant(f"{layer_prefix(layer)}.{linear}", bits, codes, scale, zero))
-    return out
-
-
 def calibrate(
     model: LoadedModel,
     windows: torch.Tensor,
@@ -150,10 +151,15 @@ def calibrate(
             layer_sites = _calibrate_sites(
                 i, hidden, layer_weights, additive, shape, recipe, points, stat_acts
             )
+            hessians = hessian_tap() if needs_hessian(recipe) else None
             layer_acts = _calibrate_acts(
-                i, hidden, layer_weights, additive, shape, recipe, layer_sites
+                i, hidden, layer_weights, additive, shape, recipe, layer_sites, hessians
             )
-            layer_wq = _weight_quants(i, layer_weights, recipe.wbits) if recipe.wbits < 16 else []
+            layer_wq = (
+                quantize_layer(i, layer_weights, recipe, layer_sites, hessians)
+                if recipe.wbits < 16
+                else []
+            )
             quant_weights = apply_weights(
                 layer_weights, {w.fqn.split(f"{layer_prefix(i)}.", 1)[1]: w for w in layer_wq}
             )
@@ -204,8 +210,9 @@ def _calibrate_acts(
     shape: OptShape,
     recipe: Recipe,
     sites: list[ReorderSite],
+    hessians: HessianTap | None = None,
 ) -> list[ActQuant]:
-    if not recipe.quantized_acts:
+    if not recipe.quantized_acts and hessians is None:
         return []
     by_point = {s.point: s for s in sites}
     labels = {
@@ -216,6 +223,12 @@ def _calibrate_acts(
         if act in SITE_OF
     }
     observer = ClusterRangeObserver(labels, recipe.act_metric)
+
+    def tap(act: Act, x: torch.Tensor) -> torch.Tensor:
+        # both observe the float activation and return it unchanged
+        x = observer(act, x)
+        return x if hessians is None else hessians(act, x)
+
     for n in range(hidden.shape[0]):
-        decoder_layer(hidden[n : n + 1], weights, additive, shape, observer)
+        decoder_layer(hidden[n : n + 1], weights, additive, shape, tap)
     return _act_quants(layer, observer, recipe)

@@ -16,7 +16,7 @@ import torch
 from rptq.plan import ActQuant, QuantPlan, ReorderSite, WeightQuant
 from rptq.points import LINEARS, SITE_OF, Act
 from rptq.quant.clusters import expand_to_channels
-from rptq.quant.qparams import dequantize, grid_bounds
+from rptq.quant.qparams import grid_bounds
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,8 @@ class FakeQuantTap:
 
 
 def dequantized_weight(weight: WeightQuant) -> torch.Tensor:
-    """The float weight [out, in] that the plan's integer codes stand for."""
-    values = dequantize(weight.codes, weight.scale[:, None], weight.zero[:, None])
-    return torch.from_numpy(values)
+    """The float weight [out, in] that the plan's codes stand for (GPTQT planes, LoRC included)."""
+    return torch.from_numpy(weight.values())
 
 
 def apply_weights(

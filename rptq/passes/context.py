@@ -20,6 +20,7 @@ from rptq.plan import QuantPlan
 
 Target = Literal["ort", "trt"]
 OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
+INT4_BLOCK_SIZES = (64, 128)  # TensorRT's INT4 weight blocks (docs/tensorrt-rules.md)
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,20 @@ class PassContext:
     plan: QuantPlan
     target: Target = "ort"
     opset: int = OPSET
+    # target "trt" only: 0 stores weights as INT8 per output channel; 64 or 128 as INT4 with
+    # that block size along the input dim (TensorRT's weight-only INT4 kernels)
+    int4_block_size: int = 0
 
     def __post_init__(self) -> None:
         if self.target not in ("ort", "trt"):
             raise ConfigError(f"target must be 'ort' or 'trt', got {self.target!r}")
+        if self.int4_block_size and (
+            self.target != "trt" or self.int4_block_size not in INT4_BLOCK_SIZES
+        ):
+            raise ConfigError(
+                f"--int4-block {self.int4_block_size} needs --target tensorrt and a block size "
+                f"of {' or '.join(map(str, INT4_BLOCK_SIZES))}"
+            )
         if self.opset < OPSET:
             raise ConfigError(
                 f"opset {self.opset} is too old: INT4/INT16 Q/DQ need opset {OPSET} or newer"

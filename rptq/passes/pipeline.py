@@ -14,20 +14,38 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from rptq.errors import ConfigError, GraphPatternError, PlanError
-from rptq.passes.context import Pass, PassContext, PassResult
+from rptq.passes.binary_weights import binary_weights
+from rptq.passes.context import Pass, PassContext, PassResult, Target
 from rptq.passes.fold_reorder import fold_reorder
 from rptq.passes.insert_qdq import insert_act_qdq
+from rptq.passes.lowrank import lowrank_branches
 from rptq.passes.quantize_weights import quantize_weights, wrap_packed_constants
+from rptq.passes.trt_fold import trt_fold
+from rptq.passes.trt_qdq import trt_insert_qdq
 
 logger = logging.getLogger(__name__)
 
-PASSES: tuple[Pass, ...] = (fold_reorder, insert_act_qdq, quantize_weights)
+PASSES: tuple[Pass, ...] = (
+    fold_reorder,
+    insert_act_qdq,
+    quantize_weights,
+    binary_weights,
+    lowrank_branches,
+)
+# The TensorRT variant (docs/tensorrt-rules.md, "Implementation"): per-cluster scales and zero
+# points folded into producers/consumers, per-tensor symmetric INT8 Q/DQ, symmetric weights.
+TRT_PASSES: tuple[Pass, ...] = (fold_reorder, trt_fold, trt_insert_qdq)
 META_CONFIG_HASH = "rptq.config_hash"  # written by rptq.exporter.opt
 
 
-def pass_names() -> tuple[str, ...]:
+def passes_for(target: Target) -> tuple[Pass, ...]:
+    """The ordered passes of a target ("ort": PASSES, "trt": TRT_PASSES)."""
+    return TRT_PASSES if target == "trt" else PASSES
+
+
+def pass_names(target: Target = "ort") -> tuple[str, ...]:
     """Names accepted by `stop_after`, in order."""
-    return tuple(p.__name__ for p in PASSES)
+    return tuple(p.__name__ for p in passes_for(target))
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -81,19 +99,29 @@ def export_graph(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.M
 def run_passes(
     model: onnx.ModelProto, ctx: PassContext, stop_after: str | None = None
 ) -> tuple[onnx.ModelProto, list[PassResult]]:
-    """Run PASSES in order (up to and including `stop_after`); the input model is not changed.
+    """Run the target's passes in order (up to and including `stop_after`); the input model is
+    not changed.
 
     Every pass checks its own preconditions before editing; the runner cleans up and sorts the
     graph after each one, as onnx-graphsurgeon transforms expect.
     """
-    if stop_after is not None and stop_after not in pass_names():
+    names = pass_names(ctx.target)
+    if stop_after is not None and stop_after not in names:
         raise ConfigError(
-            f"unknown pass {stop_after!r} for --stop-after; choose one of {', '.join(pass_names())}"
+            f"unknown pass {stop_after!r} for --stop-after; choose one of {', '.join(names)}"
+        )
+    if ctx.target == "trt" and any(
+        w.binary is not None or w.lorc is not None or w.group_index is not None
+        for w in ctx.plan.weights
+    ):
+        raise ConfigError(
+            "GPTQT binary weights, LoRC branches and weight groups are not implemented for the "
+            "TensorRT target yet; export this plan for ONNX Runtime"
         )
     _check_model(model, ctx)
     graph = gs.import_onnx(model)
     results: list[PassResult] = []
-    for step in PASSES:
+    for step in passes_for(ctx.target):
         start = time.perf_counter()
         result = step(graph, ctx)
         graph.cleanup().toposort()

@@ -110,7 +110,13 @@ def test_passes_never_import_torch():
 
 
 def test_pass_order_and_names():
-    assert [p.__name__ for p in PASSES] == ["fold_reorder", "insert_act_qdq", "quantize_weights"]
+    assert [p.__name__ for p in PASSES] == [
+        "fold_reorder",
+        "insert_act_qdq",
+        "quantize_weights",
+        "binary_weights",
+        "lowrank_branches",
+    ]
 
 
 # --- fold_reorder ---------------------------------------------------------------------------

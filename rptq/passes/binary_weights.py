@@ -1,0 +1,193 @@
+"""GPTQT weights as binary planes: Σ_i DequantizeLinear(b_i, α_i, 0, axis=1) + β feeding MatMul.
+
+ONNX has no binary-coding op, so each of the n planes b_i ∈ {−1, +1} is an integer initializer
+whose DequantizeLinear (scale α_i per output column, zero point 0) yields α_i b_i exactly; the
+planes are added in index order and the per-column offset β last, which is the order
+rptq.quant.bcq.binary_weight uses for the reference, so the graph's weight is bit-equal to the
+reference weight in float32.
+
+Plane storage: INT2 (2 bits per plane weight) where the graph's opset is 25 or newer and the
+target is ONNX Runtime (its CPU provider runs INT2 DequantizeLinear); INT4 below opset 25 (ORT);
+INT8 for TensorRT, whose weight DequantizeLinear takes INT4 only with block-wise scales.
+Planes are the bits of the plan's n-bit codes (plan_weights.BinaryCode, binary_index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_graphsurgeon as gs
+from numpy.typing import NDArray
+
+from rptq import names
+from rptq.errors import GraphPatternError, PlanError
+from rptq.passes.context import GraphIndex, PassContext, PassResult
+from rptq.passes.quantize_weights import (
+    MATMUL_PATTERN,
+    check_relative_error,
+    packed_constant,
+    packed_nbytes,
+)
+from rptq.plan import QuantPlan, WeightQuant
+from rptq.plan_weights import binary_index
+from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, LINEARS, Reorder
+from rptq.quant.bcq import binary_weight, planes_of
+
+INT2_MIN_OPSET = 25  # INT2/UINT2 tensor types (ONNX 1.20)
+PLANE_BITS = {np.dtype(ml_dtypes.int2): 2, np.dtype(ml_dtypes.int4): 4, np.dtype(np.int8): 8}
+PLANE_AXIS = 1  # planes are MatMul's B [in, out]: α_i per output column
+
+
+def linear_of(plan: QuantPlan, fqn: str) -> tuple[int, str]:
+    """(layer, linear) of a plan weight's module path."""
+    for layer in range(plan.model.shape["num_layers"]):
+        for linear in LINEARS:
+            if names.module(layer, linear) == fqn:
+                return layer, linear
+    raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
+
+
+def site_perm(plan: QuantPlan, layer: int, point: Reorder | None) -> NDArray[np.int64] | None:
+    """The permutation of a reorder site, None (identity) when the plan does not reorder it."""
+    if point is None:
+        return None
+    try:
+        return plan.site(layer, point).perm
+    except KeyError:
+        return None
+
+
+def graph_order(
+    plan: QuantPlan, layer: int, linear: str, in_ch: int, out_ch: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Rows (input channels) and columns (output channels) of the folded MatMul's B."""
+    rows = site_perm(plan, layer, LINEAR_INPUT_SITE.get(linear))
+    cols = site_perm(plan, layer, LINEAR_OUTPUT_SITE.get(linear))
+    return (
+        np.arange(in_ch, dtype=np.int64) if rows is None else rows.astype(np.int64),
+        np.arange(out_ch, dtype=np.int64) if cols is None else cols.astype(np.int64),
+    )
+
+
+def plane_nbytes(dtype: np.dtype, size: int) -> int:
+    """Bytes of an ONNX initializer of `size` plane elements (INT2/INT4 are packed)."""
+    return -(-size * PLANE_BITS[np.dtype(dtype)] // 8)
+
+
+def plane_dtype(ctx: PassContext) -> np.dtype:
+    """Integer type of the ±1 planes for this target and opset (see the module docstring)."""
+    if ctx.target == "trt":
+        return np.dtype(np.int8)
+    if ctx.opset >= INT2_MIN_OPSET:
+        return np.dtype(ml_dtypes.int2)
+    return np.dtype(ml_dtypes.int4)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    matmul: gs.Node
+    weight: gs.Constant
+    planes: NDArray[np.int8]  # [n, in, out], ±1
+    alpha: NDArray[np.floating]  # [out, n] in graph column order, graph dtype
+    beta: NDArray[np.floating]  # [out]
+
+
+def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepared:
+    """Check one GPTQT weight and build its planes in the graph layout (no graph edits)."""
+    assert quant.binary is not None
+    layer, linear = linear_of(plan, quant.fqn)
+    node_names = names.binary_weight(quant.fqn, quant.bits)
+    if node_names["plane0_node"] in index.nodes or node_names["plane0"] in index.tensors:
+        raise GraphPatternError(f"node {node_names['plane0_node']} already exists: weights done")
+    matmul = index.node(names.node(quant.fqn, "MatMul"), "MatMul", MATMUL_PATTERN)
+    weight = index.constant_input(matmul, 1, names.weight(quant.fqn), 2, MATMUL_PATTERN)
+    out_ch, in_ch = quant.codes.shape
+    if tuple(weight.shape) != (in_ch, out_ch):
+        raise GraphPatternError(
+            f"initializer {weight.name} has shape {list(weight.shape)}, but the plan's codes "
+            f"need [{in_ch}, {out_ch}] (node {matmul.name})"
+        )
+    rows, cols = graph_order(plan, layer, linear, in_ch, out_ch)
+    bcq_index = binary_index(quant.codes, quant.bits).T[np.ix_(rows, cols)]
+    planes = planes_of(bcq_index, quant.bits)
+    dtype = np.dtype(weight.dtype)
+    alpha = quant.binary.alpha[cols].astype(dtype)
+    beta = quant.binary.beta[cols].astype(dtype)
+    if not (np.all(np.isfinite(alpha)) and np.all(np.isfinite(beta))):
+        raise PlanError(f"plan weight {quant.fqn}: alpha/beta are not representable in {dtype}")
+    check_relative_error(weight, binary_weight(planes, alpha, beta, axis=PLANE_AXIS))
+    return _Prepared(matmul, weight, planes, alpha, beta)
+
+
+def binary_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Replace each GPTQT weight by its binary planes (see the module docstring).
+
+    Preconditions, checked for all weights before the first edit: the MatMul and its float
+    weight exist with the plan's shape, carry no planes yet, and the planes stand for the
+    graph's (folded) weight (quantize_weights.MAX_RELATIVE_ERROR).
+    """
+    plan = ctx.plan
+    binary = [quant for quant in plan.weights if quant.binary is not None]
+    if not binary:
+        return PassResult(binary_weights.__name__)
+    index = GraphIndex(graph)
+    items = [(quant, _prepare(index, plan, quant)) for quant in binary]
+    container = plane_dtype(ctx)
+    before = after = 0
+    for quant, item in items:
+        n = names.binary_weight(quant.fqn, item.planes.shape[0])
+        dtype = item.alpha.dtype
+        shape = list(item.planes.shape[1:])
+        total: gs.Variable | None = None
+        for i in range(item.planes.shape[0]):
+            plane = item.planes[i].astype(container)
+            zero = np.zeros(shape[1], dtype=container)
+            dequantized = gs.Variable(n[f"plane{i}_dequantized"], dtype=dtype, shape=shape)
+            graph.nodes.append(
+                gs.Node(
+                    "DequantizeLinear",
+                    name=n[f"plane{i}_node"],
+                    attrs={"axis": PLANE_AXIS},
+                    inputs=[
+                        packed_constant(n[f"plane{i}"], plane),
+                        gs.Constant(n[f"plane{i}_scale"], np.ascontiguousarray(item.alpha[:, i])),
+                        packed_constant(n[f"plane{i}_zero_point"], zero),
+                    ],
+                    outputs=[dequantized],
+                )
+            )
+            after += plane_nbytes(container, plane.size) + plane_nbytes(container, zero.size)
+            after += item.alpha[:, i].nbytes
+            if total is None:
+                total = dequantized
+                continue
+            summed = gs.Variable(n[f"sum{i}"], dtype=dtype, shape=shape)
+            add = gs.Node("Add", name=n[f"sum{i}_node"], inputs=[total, dequantized])
+            add.outputs = [summed]
+            graph.nodes.append(add)
+            total = summed
+        output = gs.Variable(n["output"], dtype=dtype, shape=shape)
+        graph.nodes.append(
+            gs.Node(
+                "Add",
+                name=n["offset_node"],
+                inputs=[total, gs.Constant(n["offset"], item.beta)],
+                outputs=[output],
+            )
+        )
+        after += item.beta.nbytes
+        before += packed_nbytes(item.weight.dtype, int(np.prod(item.weight.shape)))
+        item.matmul.inputs[1] = output
+    return PassResult(
+        binary_weights.__name__,
+        counts={
+            "binary_weights": len(items),
+            "planes": sum(item.planes.shape[0] for _, item in items),
+            "plane_bits": PLANE_BITS[container],
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+        },
+        touched=tuple(item.weight.name for _, item in items),
+    )

@@ -1,0 +1,306 @@
+"""The TensorRT variant's linears: folded rows, columns and bias, symmetric weight DequantizeLinear.
+
+A linear reading a quantized activation gets X̂ = s∘(C − z) folded into its rows and bias
+(W' = diag(s)·W, b' = b − z·W'); a linear writing one gets 1/s (times head_dim^-½ for q) in
+its columns and +z in its bias (rptq.quant.trt_weights.fold_bias). Weights are then stored as
+TensorRT takes them: integer codes and one scale per output channel, zero point 0, feeding the
+MatMul directly (DequantizeLinear(axis=1) into MatMul is the pattern TensorRT fuses into an
+INT8 GEMM). The codes come from rptq.quant.trt_weights.trt_weight, which the PyTorch reference
+calls too. With an INT4 block size, codes of <= 4 bits are stored as INT4 with the per-channel
+scale repeated over blocks of the input dim, and a plan weight kept with its zero points gets
+`y -= ReduceSum(x) ⊗ (s_w∘z_w)` after the MatMul (names.weight_zero_correction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_graphsurgeon as gs
+from numpy.typing import NDArray
+
+from rptq import names
+from rptq.errors import ConfigError, GraphPatternError, PlanError
+from rptq.passes.context import GraphIndex
+from rptq.passes.quantize_weights import check_relative_error, packed_constant, packed_nbytes
+from rptq.passes.trt_acts import (
+    LINEAR_INPUT_ACT,
+    LINEAR_OUTPUT_ACT,
+    OFFSET_AFTER_PRODUCER,
+    ActVectors,
+    as_dtype,
+    float_dtype,
+)
+from rptq.plan import QuantPlan, WeightQuant
+from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, Act, Reorder
+from rptq.quant.fold import permute_weight_codes
+from rptq.quant.qparams import dequantize
+from rptq.quant.trt_weights import (
+    INT4_MAX,
+    INT4_MIN,
+    SymmetricWeight,
+    fold_bias,
+    fold_float_rows,
+    int4_block_scales,
+    trt_weight,
+)
+
+LINEAR_PATTERN = "MatMul(x, <module>.weight [in, out]) -> Add(<module>.bias) (docs/graph.md)"
+WEIGHT_AXIS = 1  # B is [in, out]: one scale per output channel = per column
+BLOCK_AXIS = 0  # INT4 blocks run along the input dim (rows of B)
+
+Edit = Callable[[], None]
+
+
+def _perm(plan: QuantPlan, layer: int, point: Reorder | None) -> NDArray[np.int64] | None:
+    if point is None:
+        return None
+    try:
+        return plan.site(layer, point).perm
+    except KeyError:
+        return None  # that reorder point is not in the plan: identity
+
+
+@dataclass(frozen=True)
+class LayerFold:
+    """What the linears of one layer need: the graph, the plan and the layer's activations."""
+
+    graph: gs.Graph
+    index: GraphIndex
+    plan: QuantPlan
+    layer: int
+    acts: dict[Act, ActVectors]
+    head_factor: float | None  # head_dim^-½ of the removed q Mul (None: q not folded)
+    int4_block: int  # 0: INT8 weights
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """One linear's nodes and initializers: MatMul(x, weight) -> Add(bias)."""
+
+    module: str
+    matmul: gs.Node
+    weight: gs.Constant
+    add: gs.Node
+    bias: gs.Constant
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """A linear's folded weight, ready to write: codes, DQ scale and the new bias."""
+
+    symmetric: SymmetricWeight
+    plan_codes: NDArray[np.int64]  # the plan's codes [in, out] in graph order
+    plan_zero: NDArray[np.int64]  # and their zero points [out]
+    dq_scale: NDArray[np.floating]  # [out], output-side fold included, graph dtype
+    factor: NDArray[np.float64] | None  # output-side column factor
+    bias: NDArray[np.floating]
+
+
+def _output_fold(
+    linear: str, out: ActVectors | None, head_factor: float | None
+) -> tuple[NDArray[np.float64] | None, NDArray[np.int64] | None]:
+    """(column factor c, bias offset) that make the linear write U of its output activation."""
+    if out is None:
+        return None, None
+    factor = 1.0 / out.scale.astype(np.float64)
+    if LINEAR_OUTPUT_ACT[linear] is Act.Q:
+        assert head_factor is not None, "q is folded only together with its head_dim^-½ Mul"
+        factor = factor * head_factor
+    offset = None if out.quant.act in OFFSET_AFTER_PRODUCER else out.zero
+    return factor, offset
+
+
+def _check_width(vectors: ActVectors | None, width: int, where: str) -> None:
+    if vectors is not None and vectors.scale.shape != (width,):
+        raise GraphPatternError(
+            f"{where}: {vectors.quant.key} has {vectors.scale.shape[0]} channels, the linear "
+            f"has {width}"
+        )
+
+
+def _find(index: GraphIndex, module: str) -> _Linear:
+    matmul = index.node(names.node(module, "MatMul"), "MatMul", LINEAR_PATTERN)
+    weight = index.constant_input(matmul, 1, names.weight(module), 2, LINEAR_PATTERN)
+    add = index.node(names.node(module, "Add"), "Add", LINEAR_PATTERN)
+    if len(add.inputs) != 2 or add.inputs[0] is not matmul.outputs[0]:
+        raise GraphPatternError(f"node {add.name} does not add a bias to {matmul.name}")
+    bias = index.constant_input(add, 1, names.bias(module), 1, LINEAR_PATTERN)
+    return _Linear(module, matmul, weight, add, bias)
+
+
+def plan_linear(fold: LayerFold, linear: str) -> tuple[Edit, int] | None:
+    """Check one linear and return (the edit that folds and quantizes it, weight bytes after).
+
+    None when nothing folds into it and its weight stays float.
+    """
+    module = names.module(fold.layer, linear)
+    in_vec = fold.acts.get(LINEAR_INPUT_ACT[linear])
+    out_act = LINEAR_OUTPUT_ACT.get(linear)
+    out_vec = fold.acts.get(out_act) if out_act is not None else None
+    quant = fold.plan.weight(module)
+    if in_vec is None and out_vec is None and quant is None:
+        return None
+    found = _find(fold.index, module)
+    dtype = float_dtype(found.weight, found.matmul.name)
+    in_ch, out_ch = found.weight.shape
+    _check_width(in_vec, in_ch, found.matmul.name)
+    _check_width(out_vec, out_ch, found.matmul.name)
+    factor, offset = _output_fold(linear, out_vec, fold.head_factor)
+    in_scale = None if in_vec is None else in_vec.scale
+    in_zero = None if in_vec is None else in_vec.zero
+    w32 = np.asarray(found.weight.values, np.float32)
+    if quant is None:
+        folded = fold_float_rows(w32, in_scale)
+        new_w = as_dtype(folded if factor is None else folded * factor[None, :], dtype, module)
+        new_b = as_dtype(
+            fold_bias(found.bias.values, folded, in_zero, factor, offset), dtype, module
+        )
+
+        def edit_float() -> None:
+            found.weight.values = new_w
+            found.bias.values = new_b
+
+        return edit_float, new_w.nbytes
+    sym, plan_codes, plan_zero = _weight(fold, linear, quant, found.weight, in_scale)
+    dq_scale = sym.scale.astype(np.float64) * (1.0 if factor is None else factor)
+    dq_scale = as_dtype(dq_scale, dtype, module)
+    if np.any(dq_scale <= 0):
+        raise PlanError(f"plan weight {module}: a folded scale underflows in {dtype}")
+    new_b = as_dtype(
+        fold_bias(found.bias.values, sym.folded_values().T, in_zero, factor, offset),
+        dtype,
+        module,
+    )
+    prepared = _Quantized(sym, plan_codes, plan_zero, dq_scale, factor, new_b)
+    if fold.int4_block:
+        return _int4_edit(fold.graph, found, prepared, fold.int4_block)
+    codes = np.ascontiguousarray(sym.codes.T)
+    zero = np.zeros(out_ch, np.int8)
+
+    def edit_int8() -> None:
+        attrs = {"axis": WEIGHT_AXIS}
+        _dequantize(fold.graph, found, codes, prepared.dq_scale, zero, attrs)
+        found.bias.values = prepared.bias
+
+    return edit_int8, codes.nbytes + dq_scale.nbytes + zero.nbytes
+
+
+def _weight(
+    fold: LayerFold,
+    linear: str,
+    quant: WeightQuant,
+    weight: gs.Constant,
+    in_scale: NDArray[np.float32] | None,
+) -> tuple[SymmetricWeight, NDArray[np.int64], NDArray[np.int64]]:
+    """The variant's weight in graph order, plus the plan's codes/zeros in graph order."""
+    codes, scale, zero = permute_weight_codes(
+        quant.codes,
+        quant.scale,
+        quant.zero,
+        _perm(fold.plan, fold.layer, LINEAR_INPUT_SITE.get(linear)),
+        _perm(fold.plan, fold.layer, LINEAR_OUTPUT_SITE.get(linear)),
+    )
+    if tuple(codes.shape) != tuple(weight.shape):
+        raise GraphPatternError(
+            f"initializer {weight.name} has shape {list(weight.shape)}, but the plan's codes "
+            f"are {list(codes.shape)} (in, out)"
+        )
+    # the plan's codes must stand for the graph's weight: catches a wrong permutation
+    check_relative_error(weight, dequantize(codes, scale[None, :], zero[None, :]))
+    w32 = np.asarray(weight.values, np.float32)
+    sym = trt_weight(w32.T, codes.T, scale, zero, quant.bits, in_scale)
+    return sym, codes.astype(np.int64), zero.astype(np.int64)
+
+
+def _dequantize(
+    graph: gs.Graph,
+    linear: _Linear,
+    codes: NDArray[np.generic],
+    scale: NDArray[np.floating],
+    zero: NDArray[np.generic],
+    attrs: dict[str, int],
+) -> None:
+    """codes -> DequantizeLinear(scale, zero 0) -> the MatMul's B (names.quantized_weight)."""
+    n = names.quantized_weight(linear.module)
+    out = gs.Variable(n["output"], dtype=scale.dtype, shape=list(codes.shape))
+    graph.nodes.append(
+        gs.Node(
+            "DequantizeLinear",
+            name=n["node"],
+            attrs=attrs,
+            inputs=[
+                packed_constant(n["codes"], codes),
+                gs.Constant(n["scale"], np.ascontiguousarray(scale)),
+                packed_constant(n["zero_point"], zero),
+            ],
+            outputs=[out],
+        )
+    )
+    linear.matmul.inputs[1] = out
+
+
+def _int4_edit(
+    graph: gs.Graph, linear: _Linear, prepared: _Quantized, block: int
+) -> tuple[Edit, int]:
+    """INT4 blocked weight: same values as the INT8 form (block scales repeat the channel's)."""
+    sym = prepared.symmetric
+    in_ch = sym.codes.shape[1]
+    if in_ch % block:
+        raise ConfigError(
+            f"{linear.module} has {in_ch} input channels, not a multiple of --int4-block "
+            f"{block}; use the other block size or INT8 weights"
+        )
+    # requantized codes have zero point 0; kept plan codes keep theirs, subtracted per token
+    codes = sym.codes.T if sym.requantized else prepared.plan_codes
+    if codes.min(initial=0) < INT4_MIN or codes.max(initial=0) > INT4_MAX:
+        raise ConfigError(f"{linear.module}: INT4 weights need --wbits 4 or less")
+    codes = np.ascontiguousarray(codes.astype(ml_dtypes.int4))
+    scale = np.ascontiguousarray(int4_block_scales(prepared.dq_scale, in_ch, block))
+    zero = np.zeros(scale.shape, ml_dtypes.int4)
+    row = None
+    if not sym.requantized and np.any(prepared.plan_zero != 0):
+        correction = sym.scale.astype(np.float64) * prepared.plan_zero
+        if prepared.factor is not None:
+            correction = correction * prepared.factor
+        row = as_dtype(correction, prepared.dq_scale.dtype, linear.module)
+
+    def edit() -> None:
+        attrs = {"axis": BLOCK_AXIS, "block_size": block}
+        _dequantize(graph, linear, codes, scale, zero, attrs)
+        linear.bias.values = prepared.bias
+        if row is not None:
+            _subtract_zero_points(graph, linear, row)
+
+    size = packed_nbytes(codes.dtype, codes.size) + scale.nbytes
+    return edit, size + packed_nbytes(zero.dtype, zero.size)
+
+
+def _subtract_zero_points(graph: gs.Graph, linear: _Linear, row: NDArray[np.floating]) -> None:
+    """y = x·DQ(C) − ReduceSum(x) ⊗ (s_w∘z_w): the zero points of a symmetric-stored weight."""
+    n = names.weight_zero_correction(linear.module)
+    x, y = linear.matmul.inputs[0], linear.matmul.outputs[0]
+    dtype = row.dtype
+    reduced = gs.Variable(n["reduced"], dtype=dtype)
+    product = gs.Variable(n["product"], dtype=dtype)
+    output = gs.Variable(n["output"], dtype=dtype)
+    axes = gs.Constant(n["axes"], np.array([-1], np.int64))
+    graph.nodes += [
+        gs.Node(
+            "ReduceSum",
+            name=n["reduce_node"],
+            attrs={"keepdims": 1},
+            inputs=[x, axes],
+            outputs=[reduced],
+        ),
+        gs.Node(
+            "Mul",
+            name=n["mul_node"],
+            inputs=[reduced, gs.Constant(n["row"], row)],
+            outputs=[product],
+        ),
+        gs.Node("Sub", name=n["sub_node"], inputs=[y, product], outputs=[output]),
+    ]
+    linear.add.inputs[0] = output
