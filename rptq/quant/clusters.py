@@ -75,10 +75,3 @@ def is_block_diagonal(perm: NDArray[np.integer], block: int) -> bool:
     """True when perm never moves a channel out of its block of `block` channels (its head)."""
     positions = np.arange(perm.shape[0])
     return bool(np.all(perm // block == positions // block))
-
-
-def clusters_within_blocks(sizes: NDArray[np.integer], block: int) -> bool:
-    """True when no cluster straddles a block boundary (per-head clusters)."""
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    return bool(np.all(starts // block == (ends - 1) // block))

@@ -172,3 +172,13 @@ def test_copy_of_plan_dir_loads(saved, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(saved, copy)
     assert QuantPlan.load(copy).recipe.abits == 4
+
+
+def test_per_tensor_plan_round_trips(calibrate_tiny, tmp_path):
+    """One cluster over all heads (per-tensor q/k/v) is a valid plan: nothing crosses a head."""
+    from rptq.plan import Granularity
+
+    plan = calibrate_tiny(wbits=4, abits=4, granularity=Granularity.TENSOR)
+    plan.save(tmp_path / "tensor")
+    loaded = QuantPlan.load(tmp_path / "tensor")
+    assert [len(s.sizes) for s in loaded.sites if s.layer == 0] == [1] * 5
