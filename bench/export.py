@@ -145,12 +145,8 @@ class Step:
     what: str
     result: Measured
     files: list[Path] = field(default_factory=list)
+    size_bytes: int = 0  # .onnx + external data, taken before the files are deleted
     extra: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def size_bytes(self) -> int:
-        """Total size of the output files (model + external data)."""
-        return sum(p.stat().st_size for p in self.files if p.exists())
 
 
 def _onnx_files(path: Path) -> list[Path]:
@@ -203,6 +199,7 @@ def bench_model(args: argparse.Namespace, label: str, model_dir: Path) -> list[S
             continue
         step = _run(args, label, what, cmd)
         step.files = _onnx_files(output) if step.result.ok else []
+        step.size_bytes = sum(p.stat().st_size for p in step.files)
         steps.append(step)
     for step in [s for s in steps if s.files]:
         json_out = args.work_dir / "logs" / f"{label}-latency-{len(steps)}.json"
@@ -227,7 +224,7 @@ def _export_table(steps: list[Step]) -> str:
     for s in steps:
         if s.what.startswith("ORT latency"):
             continue
-        size = gib(s.size_bytes) if s.files else "—"
+        size = f"{s.size_bytes / 2**20:,.1f} MiB" if s.files else "—"
         result = "ok" if s.result.ok else f"`{s.result.error_line()}`"
         lines.append(f"| {s.model} | {s.what} | {s.result.elapsed_s:.1f} "
                      f"| {s.result.cpu_s:.1f} | {s.result.load_1min:.1f} "

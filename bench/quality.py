@@ -65,7 +65,9 @@ class Row:
     ppl: float | None = None
     windows: int | None = None
     calibration_s: float | None = None
+    calibration_cpu_s: float | None = None
     calib_peak_rss: int | None = None
+    load_1min: float | None = None
     eval_s: float | None = None
     full_ppl: float | None = None
     full_windows: int | None = None
@@ -84,6 +86,7 @@ def _row_cmd(args: argparse.Namespace, label: str, gran: str, work: Path) -> lis
            "--model", str(args.model), "--data-dir", str(args.data_dir),
            "--calib-dataset", args.calib_dataset, "--nsamples", str(args.nsamples),
            "--seq-len", str(args.seq_len), "--seed", str(args.seed), "--limit", str(args.limit),
+           "--act-metric", args.act_metric,
            "--plan-dir", str(work / "plans" / f"{label}-{gran}"),
            "--json-out", str(work / "rows" / f"{label}-{gran}.json")]
     wanted = f"{label}/{gran}" in args.full or (label == "FP" and "FP" in args.full)
@@ -99,7 +102,8 @@ def _run_row(args: argparse.Namespace, label: str, gran: str, work: Path) -> Row
     result = run_measured(cmd, MEMORY_LIMIT_BYTES, work / "logs", name)
     _log(f"{name}: {result.elapsed_s:.1f} s, peak RSS {gib(result.peak_rss_bytes)}, "
          + ("ok" if result.ok else f"FAILED: {result.error_line()}"))
-    row = Row(label, gran, wall_s=result.elapsed_s, peak_rss=result.peak_rss_bytes)
+    row = Row(label, gran, wall_s=result.elapsed_s, peak_rss=result.peak_rss_bytes,
+              load_1min=result.load_1min)
     if not result.ok:
         row.error = result.error_line()
         return row
@@ -131,13 +135,15 @@ def run_row(args: argparse.Namespace) -> int:
     if args.label != "FP":
         _, wbits, abits, kv = next(s for s in SETTINGS if s[0] == args.label)
         recipe = Recipe(wbits=wbits, abits=abits, only_quant_kv=kv, granularity=args.granularity,
+                        act_metric=args.act_metric,
                         calib_dataset=args.calib_dataset, nsamples=args.nsamples,
                         seq_len=args.seq_len, seed=args.seed)
         windows = calibration_windows(args.calib_dataset, tokenizer, args.nsamples, args.seq_len,
                                       args.seed, args.data_dir)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         plan = calibrate(model, windows, recipe)
         out["calibration_s"] = time.perf_counter() - started
+        out["calibration_cpu_s"] = time.process_time() - cpu_started
         out["calib_peak_rss"] = peak_rss_bytes()
         del windows
         plan.save(args.plan_dir, force=True)
@@ -171,7 +177,9 @@ def _gap_closed(rows: dict[tuple[str, str], Row], label: str) -> str:
         return "—"
     gap = ppl["tensor"] - ppl["channel"]  # type: ignore[operator]
     if gap <= 0:
-        return "n/a: per-channel is not better than per-tensor"
+        gain = ppl["tensor"] - ppl["cluster"]  # type: ignore[operator]
+        return (f"undefined: per-channel is {-gap:.2f} worse than per-tensor; "
+                f"cluster is {gain:+.2f} better than per-tensor")
     closed = (ppl["tensor"] - ppl["cluster"]) / gap  # type: ignore[operator]
     note = "" if 0.0 <= closed <= 1.0 else " (outside tensor..channel)"
     return f"{100 * closed:.0f} %{note}"
@@ -181,8 +189,8 @@ def _table(rows: list[Row], limit: int) -> str:
     by_key = {(r.label, r.granularity): r for r in rows}
     lines = [
         f"| bits | activation scales | wikitext2 ppl ({limit} windows) | calibration s "
-        "| calibration peak RSS | eval s | gap closed by RPTQ |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| calibration CPU s | calibration peak RSS | eval s | load | gap closed by RPTQ |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     seen: set[str] = set()
     for r in rows:
@@ -194,7 +202,8 @@ def _table(rows: list[Row], limit: int) -> str:
         ppl = _fmt(r.ppl, 2) if not r.error else f"failed: {r.error}"
         rss = gib(r.calib_peak_rss) if r.calib_peak_rss is not None else "—"
         lines.append(f"| {r.label} | {scales} | {ppl} | {_fmt(r.calibration_s)} "
-                     f"| {rss} | {_fmt(r.eval_s)} | {gap} |")
+                     f"| {_fmt(r.calibration_cpu_s)} | {rss} | {_fmt(r.eval_s)} "
+                     f"| {_fmt(r.load_1min)} | {gap} |")
     return "\n".join(lines)
 
 
@@ -213,7 +222,8 @@ def _full_table(rows: list[Row]) -> str:
 def _report(args: argparse.Namespace, rows: list[Row], argv: list[str], total_s: float) -> str:
     tiny = args.model.name == "opt-tiny-lm"
     parts = [
-        "## Quality ladder (bench/quality.py)",
+        "## Quality ladder (bench/quality.py)"
+        + ("" if args.act_metric == "ema_minmax" else f", activation ranges {args.act_metric}"),
         "",
         *machine_lines(),
         f"- command: `python {shlex.join(argv)}` ({total_s / 60:.1f} min in all)",
@@ -226,13 +236,16 @@ def _report(args: argparse.Namespace, rows: list[Row], argv: list[str], total_s:
         "- FP: the checkpoint's fp16 weights, computed in fp32 (as every row is)",
         f"- calibration: `{args.calib_dataset}` (the only calibration text staged; the train "
         f"splits are missing), nsamples {args.nsamples}, seq_len {args.seq_len}, seed "
-        f"{args.seed}; RTN weights; default clusters R1=32, R2=4/head, R3=4/head, R4=32, R5=32",
+        f"{args.seed}; RTN weights; activation ranges `{args.act_metric}`; default clusters "
+        "R1=32, R2=4/head, R3=4/head, R4=32, R5=32",
         f"- evaluation: PyTorch fake-quant reference (`rptq.runtime.reference.ReferenceModel`), "
         f"WikiText-2 test, the first {args.limit} non-overlapping windows of {args.seq_len} "
         f"tokens (the full split has {FULL_SPLIT_WINDOWS})",
-        "- calibration s and peak RSS: the `calibrate()` call, and the worker's peak RSS "
-        "sampled right after it (model load and calibration data included; each row is its own "
-        "subprocess); eval s: the perplexity loop",
+        "- calibration s / CPU s: wall and process CPU time (user + system, both threads) of the "
+        "`calibrate()` call; peak RSS: the worker's, sampled right after it (model load and "
+        "calibration data included; each row is its own subprocess); eval s: the perplexity "
+        "loop; load: 1-minute load average when the row ended. The 2 cores are shared with "
+        "other engineers' test runs: wall times at load > 2 are inflated, CPU s much less so",
         "- gap closed = (ppl_tensor − ppl_cluster) / (ppl_tensor − ppl_channel), as measured",
         "",
         _table(rows, args.limit),
@@ -258,6 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--act-metric", choices=["ema_minmax", "minmax"], default="ema_minmax",
+                        help="how activation ranges combine across calibration rows")
     parser.add_argument("--limit", type=int, default=64, help="wikitext2 windows per row")
     parser.add_argument("--settings", default=",".join(s[0] for s in SETTINGS),
                         help="comma list of bit settings")
@@ -302,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     report = _report(args, rows, ["bench/quality.py", *raw], time.perf_counter() - started)
     print(report)
     if not args.no_write:
-        write_section("quality", report)
+        suffix = "" if args.act_metric == "ema_minmax" else f"-{args.act_metric}"
+        write_section(f"quality{suffix}", report)
     return 0
 
 
