@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from rptq import names
-from rptq.model.forward import causal_mask, decoder_layer, embed
 from rptq.plan import QuantPlan
 from rptq.points import SITE_OF
 from rptq.quant.clusters import expand_to_positions
@@ -25,6 +24,7 @@ from rptq.runtime.parity import compare, steps_apart
 from rptq.runtime.perplexity import perplexity
 from rptq.runtime.reference import ReferenceModel
 from rptq.workflow import quantized_graph
+from tests.parity.activations import record_activations
 from tests.tolerances import (
     FOLD_ATOL,
     LOGITS_MIN_SQNR_DB,
@@ -48,23 +48,7 @@ def eval_ids():
 
 def reference_activations(loaded, plan: QuantPlan, ids: torch.Tensor) -> dict:
     """Every quantized activation as the reference computes it, keyed by (layer, act)."""
-    reference = ReferenceModel(loaded, plan)
-    mask = torch.ones_like(ids)
-    record = {}
-    with torch.no_grad():
-        hidden = embed(ids, mask, loaded.weights)
-        additive = causal_mask(mask, hidden.dtype)
-        for i in range(loaded.shape.num_layers):
-            weights, tap = reference.layer(i)
-
-            def recording(act, x, i=i, tap=tap):
-                out = tap(act, x)
-                if plan.act(i, act) is not None:
-                    record[(i, act)] = out
-                return out
-
-            hidden = decoder_layer(hidden, weights, additive, loaded.shape, recording)
-    return record
+    return record_activations(ReferenceModel(loaded, plan), loaded, plan, ids)
 
 
 def ort_activations(graph: onnx.ModelProto, plan: QuantPlan, ids: torch.Tensor) -> dict:

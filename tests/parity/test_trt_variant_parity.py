@@ -18,7 +18,6 @@ import torch
 
 from rptq import names
 from rptq.exporter import build_fp_graph
-from rptq.model.forward import causal_mask, decoder_layer, embed
 from rptq.passes import PassContext, run_passes
 from rptq.passes.trt_acts import quantized_input_name
 from rptq.plan import QuantPlan
@@ -31,6 +30,7 @@ from rptq.runtime.perplexity import perplexity
 from rptq.runtime.reference import ReferenceModel
 from rptq.runtime.trt_reference import TrtReferenceModel
 from rptq.workflow import quantized_graph
+from tests.parity.activations import record_activations
 from tests.tolerances import (
     FOLD_ATOL,
     LOGITS_MIN_SQNR_DB,
@@ -62,23 +62,7 @@ def trt_graph(loaded, plan: QuantPlan | None, **options) -> onnx.ModelProto:
 
 def reference_activations(loaded, plan: QuantPlan, ids: torch.Tensor) -> dict:
     """Every quantized activation X̂ as the variant's reference computes it, by (layer, act)."""
-    reference = TrtReferenceModel(loaded, plan)
-    mask = torch.ones_like(ids)
-    record = {}
-    with torch.no_grad():
-        hidden = embed(ids, mask, loaded.weights)
-        additive = causal_mask(mask, hidden.dtype)
-        for i in range(loaded.shape.num_layers):
-            weights, tap = reference.layer(i)
-
-            def recording(act, x, i=i, tap=tap):
-                out = tap(act, x)
-                if plan.act(i, act) is not None:
-                    record[(i, act)] = out
-                return out
-
-            hidden = decoder_layer(hidden, weights, additive, loaded.shape, recording)
-    return record
+    return record_activations(TrtReferenceModel(loaded, plan), loaded, plan, ids)
 
 
 def ort_qdq(graph: onnx.ModelProto, plan: QuantPlan, ids: torch.Tensor) -> dict:
