@@ -272,8 +272,9 @@ def _report(args: argparse.Namespace, steps: list[Step], argv: list[str], total_
         f"dynamo={args.dynamo}, external data)",
         "- wall s, CPU s (user + system, all threads) and peak RSS are those of each whole "
         "subprocess (interpreter start and model load included); load = 1-minute load average "
-        "when the step ended (2 cores; other engineers' test runs share the machine, so compare "
-        "CPU s when load is above 2); output size counts the .onnx file and its external data",
+        "when the step ended (2 cores shared with other engineers' test runs: above 2, wall "
+        "and CPU times are both inflated, the latter by OpenMP spin-waiting); output size "
+        "counts the .onnx file and its external data",
         f"- latency: `python bench/export.py latency ONNX --seq-len {args.seq_len} --runs "
         f"{args.runs}`: `rptq.runtime.ort.make_session` (CPU, default ORT optimisations), one "
         f"warm-up then {args.runs} timed runs of a {args.seq_len}-token prefill, batch 1",

@@ -245,7 +245,8 @@ def _report(args: argparse.Namespace, rows: list[Row], argv: list[str], total_s:
         "`calibrate()` call; peak RSS: the worker's, sampled right after it (model load and "
         "calibration data included; each row is its own subprocess); eval s: the perplexity "
         "loop; load: 1-minute load average when the row ended. The 2 cores are shared with "
-        "other engineers' test runs: wall times at load > 2 are inflated, CPU s much less so",
+        "other engineers' test runs: at load > 2 wall times are inflated, and so are CPU "
+        "times (OpenMP threads spin while they wait), so compare rows at similar load",
         "- gap closed = (ppl_tensor − ppl_cluster) / (ppl_tensor − ppl_channel), as measured",
         "",
         _table(rows, args.limit),
