@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import GraphIndex, PassContext, PassResult
+from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of, linear_perms
 from rptq.passes.quantize_weights import (
     MATMUL_PATTERN,
     check_relative_error,
@@ -32,7 +32,6 @@ from rptq.passes.quantize_weights import (
 )
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.plan_weights import binary_index
-from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, LINEARS, Reorder
 from rptq.quant.bcq import binary_weight, planes_of
 
 INT2_MIN_OPSET = 25  # INT2/UINT2 tensor types (ONNX 1.20)
@@ -40,31 +39,11 @@ PLANE_BITS = {np.dtype(ml_dtypes.int2): 2, np.dtype(ml_dtypes.int4): 4, np.dtype
 PLANE_AXIS = 1  # planes are MatMul's B [in, out]: α_i per output column
 
 
-def linear_of(plan: QuantPlan, fqn: str) -> tuple[int, str]:
-    """(layer, linear) of a plan weight's module path."""
-    for layer in range(plan.model.shape["num_layers"]):
-        for linear in LINEARS:
-            if names.module(layer, linear) == fqn:
-                return layer, linear
-    raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
-
-
-def site_perm(plan: QuantPlan, layer: int, point: Reorder | None) -> NDArray[np.int64] | None:
-    """The permutation of a reorder site, None (identity) when the plan does not reorder it."""
-    if point is None:
-        return None
-    try:
-        return plan.site(layer, point).perm
-    except KeyError:
-        return None
-
-
 def graph_order(
     plan: QuantPlan, layer: int, linear: str, in_ch: int, out_ch: int
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Rows (input channels) and columns (output channels) of the folded MatMul's B."""
-    rows = site_perm(plan, layer, LINEAR_INPUT_SITE.get(linear))
-    cols = site_perm(plan, layer, LINEAR_OUTPUT_SITE.get(linear))
+    rows, cols = linear_perms(plan, layer, linear)
     return (
         np.arange(in_ch, dtype=np.int64) if rows is None else rows.astype(np.int64),
         np.arange(out_ch, dtype=np.int64) if cols is None else cols.astype(np.int64),

@@ -15,8 +15,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
 
-from rptq.errors import ConfigError, GraphPatternError
+from rptq import names
+from rptq.errors import ConfigError, GraphPatternError, PlanError
 from rptq.plan import QuantPlan
+from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, LINEARS
 
 Target = Literal["ort", "trt"]
 OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
@@ -144,3 +146,29 @@ def record_folded(graph: gs.Graph, sites: dict[str, str]) -> None:
     """Write the folded sites (key -> perm_digest) into the graph's doc_string."""
     line = FOLD_RECORD_PREFIX + " ".join(f"{key}={digest}" for key, digest in sites.items())
     graph.doc_string = f"{graph.doc_string}\n{line}" if graph.doc_string else line
+
+
+def linear_of(plan: QuantPlan, fqn: str) -> tuple[int, str]:
+    """(layer, linear) of a plan weight's module path."""
+    for layer in range(plan.model.shape["num_layers"]):
+        for linear in LINEARS:
+            if names.module(layer, linear) == fqn:
+                return layer, linear
+    raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
+
+
+def linear_perms(
+    plan: QuantPlan, layer: int, linear: str
+) -> tuple[NDArray[np.int64] | None, NDArray[np.int64] | None]:
+    """(input, output) permutations the fold applied to a linear; None where the plan has no
+    site for that reorder point (identity). Every weight pass reads this one mapping."""
+
+    def perm(point: object) -> NDArray[np.int64] | None:
+        if point is None:
+            return None
+        try:
+            return plan.site(layer, point).perm  # type: ignore[arg-type]
+        except KeyError:
+            return None
+
+    return perm(LINEAR_INPUT_SITE.get(linear)), perm(LINEAR_OUTPUT_SITE.get(linear))

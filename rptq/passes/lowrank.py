@@ -16,8 +16,8 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.binary_weights import graph_order, linear_of
-from rptq.passes.context import GraphIndex, PassContext, PassResult
+from rptq.passes.binary_weights import graph_order
+from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of
 from rptq.passes.quantize_weights import packed_constant, packed_nbytes
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.plan_weights import LowRankFactor

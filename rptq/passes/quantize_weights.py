@@ -26,9 +26,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import GraphIndex, PassContext, PassResult
+from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of, linear_perms
 from rptq.plan import QuantPlan, WeightQuant
-from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, LINEARS, Reorder
 from rptq.quant.fold import permute_weight_codes
 from rptq.quant.groups import grouped_weight_layout
 from rptq.quant.qparams import container_bits, dequantize
@@ -85,26 +84,9 @@ class _Prepared:
         return sum(packed_nbytes(a.dtype, a.size) for a in (self.codes, self.scale, self.zero))
 
 
-def _linear_of(plan: QuantPlan, fqn: str) -> tuple[int, str]:
-    for layer in range(plan.model.shape["num_layers"]):
-        for linear in LINEARS:
-            if names.module(layer, linear) == fqn:
-                return layer, linear
-    raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
-
-
-def _perm(plan: QuantPlan, layer: int, point: Reorder | None) -> NDArray[np.int64] | None:
-    if point is None:
-        return None
-    try:
-        return plan.site(layer, point).perm
-    except KeyError:
-        return None  # that reorder point is not in the plan: identity
-
-
 def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepared:
     """Check one weight and build its codes in the graph layout (no graph edits)."""
-    layer, linear = _linear_of(plan, quant.fqn)
+    layer, linear = linear_of(plan, quant.fqn)
     qw = names.quantized_weight(quant.fqn)
     if qw["node"] in index.nodes or qw["codes"] in index.tensors:
         raise GraphPatternError(f"node {qw['node']} already exists: weights already quantized")
@@ -117,8 +99,7 @@ def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepare
             f"need [{in_ch}, {out_ch}] (node {matmul.name})"
         )
     dtype = np.dtype(weight.dtype)
-    in_perm = _perm(plan, layer, LINEAR_INPUT_SITE.get(linear))
-    out_perm = _perm(plan, layer, LINEAR_OUTPUT_SITE.get(linear))
+    in_perm, out_perm = linear_perms(plan, layer, linear)
     block = 0
     if quant.group_index is None:
         codes, scale, zero = permute_weight_codes(

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import ConfigError, GraphPatternError, PlanError
-from rptq.passes.context import GraphIndex
+from rptq.passes.context import GraphIndex, linear_perms
 from rptq.passes.quantize_weights import check_relative_error, packed_constant, packed_nbytes
 from rptq.passes.trt_acts import (
     LINEAR_INPUT_ACT,
@@ -34,7 +34,7 @@ from rptq.passes.trt_acts import (
     float_dtype,
 )
 from rptq.plan import QuantPlan, WeightQuant
-from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, Act, Reorder
+from rptq.points import Act
 from rptq.quant.fold import permute_weight_codes
 from rptq.quant.qparams import dequantize
 from rptq.quant.trt_weights import (
@@ -52,15 +52,6 @@ WEIGHT_AXIS = 1  # B is [in, out]: one scale per output channel = per column
 BLOCK_AXIS = 0  # INT4 blocks run along the input dim (rows of B)
 
 Edit = Callable[[], None]
-
-
-def _perm(plan: QuantPlan, layer: int, point: Reorder | None) -> NDArray[np.int64] | None:
-    if point is None:
-        return None
-    try:
-        return plan.site(layer, point).perm
-    except KeyError:
-        return None  # that reorder point is not in the plan: identity
 
 
 @dataclass(frozen=True)
@@ -200,8 +191,7 @@ def _weight(
         quant.codes,
         quant.scale,
         quant.zero,
-        _perm(fold.plan, fold.layer, LINEAR_INPUT_SITE.get(linear)),
-        _perm(fold.plan, fold.layer, LINEAR_OUTPUT_SITE.get(linear)),
+        *linear_perms(fold.plan, fold.layer, linear),
     )
     if tuple(codes.shape) != tuple(weight.shape):
         raise GraphPatternError(

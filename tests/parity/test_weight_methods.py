@@ -18,8 +18,8 @@ import torch
 from rptq import names
 from rptq.errors import ConfigError, GraphPatternError
 from rptq.exporter.opt import build_fp_graph
-from rptq.passes.binary_weights import graph_order, linear_of
-from rptq.passes.context import PassContext
+from rptq.passes.binary_weights import graph_order
+from rptq.passes.context import PassContext, linear_of
 from rptq.passes.pipeline import run_passes
 from rptq.plan import QuantPlan
 from rptq.plan_weights import BinaryCode
