@@ -7,7 +7,6 @@ their own data, such as the demo's embedded corpus, reuse them unchanged.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,28 +63,30 @@ def quantized_graph(
     target: Literal["ort", "trt"] = "ort",
     int4_block_size: int = 0,
 ) -> onnx.ModelProto:
-    """The FP graph with the plan's reorders folded and its Q/DQ inserted (FP if no plan).
+    """The whole graph in memory, with the plan's reorders folded and its Q/DQ inserted (FP if
+    no plan), in the canonical layout (rptq.exporter.parts) that `export_onnx` writes.
 
     `target` "trt" writes the TensorRT variant (docs/tensorrt-rules.md, "Implementation");
-    `int4_block_size` (64/128, "trt" only) stores its weights as blocked INT4.
+    `int4_block_size` (64/128, "trt" only) stores its weights as blocked INT4. Holds the whole
+    model (about 3x its size at peak): `export_onnx` streams instead.
     """
     from rptq.exporter.opt import build_fp_graph
+    from rptq.exporter.parts import canonical_model
     from rptq.passes.context import PassContext
     from rptq.passes.pipeline import run_passes
 
     graph = build_fp_graph(model, dtype=dtype, opset=opset)  # type: ignore[arg-type]
-    if plan is None:
-        return graph
-    ctx = PassContext(
-        plan=plan,
-        opset=opset,
-        target=target,
-        int4_block_size=int4_block_size,
-    )
-    graph, results = run_passes(graph, ctx)
-    for result in results:
-        log.debug("pass %s: %s", result.name, dict(result.counts))
-    return graph
+    if plan is not None:
+        ctx = PassContext(
+            plan=plan,
+            opset=opset,
+            target=target,
+            int4_block_size=int4_block_size,
+        )
+        graph, results = run_passes(graph, ctx)
+        for result in results:
+            log.debug("pass %s: %s", result.name, dict(result.counts))
+    return canonical_model(graph)
 
 
 def export_onnx(
@@ -97,15 +98,35 @@ def export_onnx(
     force: bool = False,
     target: Literal["ort", "trt"] = "ort",
     int4_block_size: int = 0,
+    external_data: bool | None = None,
 ) -> ExportSummary:
-    """Build, transform and atomically save the ONNX model; report files, sizes and op counts."""
-    from rptq.exporter.save import save_onnx
+    """Export layer by layer (rptq.exporter.stream) with a progress bar; report files, sizes
+    and op counts. Peak memory is about one decoder layer plus the graph's nodes."""
+    from rptq.exporter.stream import export_streamed
 
-    graph = quantized_graph(model, plan, dtype, opset, target, int4_block_size)
-    counts = Counter(node.op_type for node in graph.graph.node)
-    paths = save_onnx(graph, Path(output), force=force)
+    total = model.shape.num_layers + 2
+    with tqdm(total=total, desc="export", unit="part", disable=None) as bar:
+
+        def advance(done: int, parts: int, data_bytes: int) -> None:
+            bar.set_postfix_str(f"{data_bytes / 2**20:,.0f} MiB written", refresh=False)
+            bar.update(done - bar.n)
+
+        result = export_streamed(
+            model,
+            plan,
+            Path(output),
+            dtype=dtype,  # type: ignore[arg-type]
+            opset=opset,
+            force=force,
+            target=target,
+            int4_block_size=int4_block_size,
+            external_data=external_data,
+            progress=advance,
+        )
     label = plan.recipe.label() if plan is not None else "FP"
-    return ExportSummary([(p, p.stat().st_size) for p in paths], label, dict(counts))
+    return ExportSummary(
+        [(p, p.stat().st_size) for p in result.files], label, dict(result.op_counts)
+    )
 
 
 def evaluate(

@@ -54,12 +54,16 @@ def output_name(module_path: str, role: str) -> str:
 class _GraphBuilder:
     """Collects nodes and initializers and refuses duplicate names (an exporter bug)."""
 
-    def __init__(self, dtype: ExportDtype) -> None:
+    def __init__(
+        self,
+        dtype: ExportDtype,
+        inputs: tuple[str, ...] = (names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK),
+    ) -> None:
         self.np_dtype = _NP_DTYPES[dtype]
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._node_names: set[str] = set()
-        self._tensor_names: set[str] = {names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK}
+        self._tensor_names: set[str] = set(inputs)
 
     def _claim_tensor(self, name: str) -> None:
         assert name not in self._tensor_names, f"tensor {name} defined twice"
@@ -313,39 +317,55 @@ def _check_args(model: LoadedModel, dtype: str, opset: int) -> None:
         )
 
 
-def build_fp_graph(
-    model: LoadedModel, dtype: ExportDtype = "float32", opset: int = 21
+def layer_input(index: int) -> str:
+    """The hidden state entering decoder layer `index` (the embeddings' sum for layer 0)."""
+    if index == 0:
+        return output_name(names.DECODER, "embed_add")
+    return names.tensor(names.layer(index - 1), "output")
+
+
+def _hidden_info(name: str, dtype: ExportDtype, shape: OptShape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(
+        name, _ONNX_DTYPES[dtype], ["batch", "sequence", shape.hidden_size]
+    )
+
+
+def _mask_info(dtype: ExportDtype) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(
+        names.tensor(names.MASK_MODULE, "output"),
+        _ONNX_DTYPES[dtype],
+        ["batch", 1, "sequence", "sequence"],
+    )
+
+
+def _token_inputs() -> list[onnx.ValueInfoProto]:
+    return [
+        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
+        for name in (names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK)
+    ]
+
+
+def _logits_info(dtype: ExportDtype, shape: OptShape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(
+        names.GRAPH_LOGITS, _ONNX_DTYPES[dtype], ["batch", "sequence", shape.vocab_size]
+    )
+
+
+def _model_proto(
+    g: _GraphBuilder,
+    model: LoadedModel,
+    dtype: ExportDtype,
+    opset: int,
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
 ) -> onnx.ModelProto:
-    """The FP prefill graph of docs/graph.md: input_ids, attention_mask -> logits.
-
-    float16 makes every float tensor float16, Softmax included (the functional forward runs
-    softmax in fp32; ORT and TensorRT accumulate fp16 softmax in fp32 internally, and
-    LayerNormalization uses stash_type=1, i.e. fp32 statistics).
-    """
-    _check_args(model, dtype, opset)
+    """Wrap the builder's nodes in a model with rptq's opset, producer and metadata."""
     shape = model.shape
-    g = _GraphBuilder(dtype)
-    hidden = _embeddings(g, model)
-    mask = _additive_mask(g)
-    for index in range(shape.num_layers):
-        weights = read_layer(model.weights, index, dtype=torch.float32)
-        hidden = _decoder_layer(g, index, hidden, weights, mask, shape)
-        del weights
-    logits = _head(g, model, hidden)
-
-    float_type = _ONNX_DTYPES[dtype]
     graph = helper.make_graph(
         g.nodes,
         f"rptq-{model.name}-prefill",
-        inputs=[
-            helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
-            for name in (names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK)
-        ],
-        outputs=[
-            helper.make_tensor_value_info(
-                logits, float_type, ["batch", "sequence", shape.vocab_size]
-            )
-        ],
+        inputs=inputs,
+        outputs=outputs,
         initializer=g.initializers,
     )
     opsets = [helper.make_opsetid("", opset)]
@@ -367,3 +387,78 @@ def build_fp_graph(
         },
     )
     return proto
+
+
+def build_fp_graph(
+    model: LoadedModel, dtype: ExportDtype = "float32", opset: int = 21
+) -> onnx.ModelProto:
+    """The FP prefill graph of docs/graph.md: input_ids, attention_mask -> logits.
+
+    float16 makes every float tensor float16, Softmax included (the functional forward runs
+    softmax in fp32; ORT and TensorRT accumulate fp16 softmax in fp32 internally, and
+    LayerNormalization uses stash_type=1, i.e. fp32 statistics).
+    """
+    _check_args(model, dtype, opset)
+    shape = model.shape
+    g = _GraphBuilder(dtype)
+    hidden = _embeddings(g, model)
+    mask = _additive_mask(g)
+    for index in range(shape.num_layers):
+        weights = read_layer(model.weights, index, dtype=torch.float32)
+        hidden = _decoder_layer(g, index, hidden, weights, mask, shape)
+        del weights
+    _head(g, model, hidden)
+    return _model_proto(g, model, dtype, opset, _token_inputs(), [_logits_info(dtype, shape)])
+
+
+# --- fragments: the same graph cut at the residual stream, for the streamed export ------------
+# Each fragment is a valid model whose inputs and outputs carry the whole graph's tensor names,
+# so that joining the fragments' nodes gives back build_fp_graph (rptq.exporter.stream).
+
+
+def prologue_fragment(
+    model: LoadedModel, dtype: ExportDtype = "float32", opset: int = 21
+) -> onnx.ModelProto:
+    """Embeddings and the additive mask: input_ids, attention_mask -> hidden, mask."""
+    _check_args(model, dtype, opset)
+    g = _GraphBuilder(dtype)
+    hidden = _embeddings(g, model)
+    _additive_mask(g)
+    outputs = [_hidden_info(hidden, dtype, model.shape), _mask_info(dtype)]
+    return _model_proto(g, model, dtype, opset, _token_inputs(), outputs)
+
+
+def layer_fragment(
+    model: LoadedModel, index: int, dtype: ExportDtype = "float32", opset: int = 21
+) -> onnx.ModelProto:
+    """Decoder layer `index` alone: its input hidden state and the mask -> its output."""
+    _check_args(model, dtype, opset)
+    shape = model.shape
+    mask = _mask_info(dtype)
+    g = _GraphBuilder(dtype, inputs=(layer_input(index), mask.name))
+    weights = read_layer(model.weights, index, dtype=torch.float32)
+    hidden = _decoder_layer(g, index, layer_input(index), weights, mask.name, shape)
+    del weights
+    inputs = [_hidden_info(layer_input(index), dtype, shape), mask]
+    return _model_proto(g, model, dtype, opset, inputs, [_hidden_info(hidden, dtype, shape)])
+
+
+def head_fragment(
+    model: LoadedModel, dtype: ExportDtype = "float32", opset: int = 21
+) -> onnx.ModelProto:
+    """Final LayerNorm and LM head: the last layer's output -> logits."""
+    _check_args(model, dtype, opset)
+    shape = model.shape
+    hidden = layer_input(shape.num_layers)
+    # a tied head reads the prologue's token embedding: an input of this fragment
+    table = helper.make_tensor_value_info(
+        names.weight(names.EMBED_TOKENS),
+        _ONNX_DTYPES[dtype],
+        [shape.vocab_size, shape.hidden_size],
+    )
+    g = _GraphBuilder(dtype, inputs=(hidden, table.name))
+    _head(g, model, hidden)
+    inputs = [_hidden_info(hidden, dtype, shape)]
+    if any(table.name in node.input for node in g.nodes):
+        inputs.append(table)
+    return _model_proto(g, model, dtype, opset, inputs, [_logits_info(dtype, shape)])

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -56,10 +57,10 @@ def _is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
 
 
-def _copy_fields(source: Message, target: Message, skip: str) -> None:
-    """Copy every set field of `source` into `target` except field `skip`."""
+def copy_fields(source: Message, target: Message, skip: tuple[str, ...] = ()) -> None:
+    """Copy every set field of `source` into `target` except the fields named in `skip`."""
     for field, value in source.ListFields():
-        if field.name == skip:
+        if field.name in skip:
             continue
         # protobuf 6+ deprecates `label` in favour of `is_repeated`
         repeated = getattr(field, "is_repeated", None)
@@ -73,41 +74,164 @@ def _copy_fields(source: Message, target: Message, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def _write_external_data(
-    model: onnx.ModelProto, handle: BinaryIO, location: str
-) -> onnx.ModelProto:
-    """Stream large initializers to `handle`; return the model with references instead.
+def _externalize(tensor: TensorProto, handle: BinaryIO, location: str) -> TensorProto:
+    """Append `tensor`'s payload to `handle` (aligned); return a reference without payload."""
+    offset = handle.tell()
+    padding = -offset % ALIGNMENT_BYTES
+    handle.write(b"\0" * padding)
+    offset += padding
+    payload = tensor.raw_data  # one tensor's bytes at a time
+    handle.write(payload)
+    reference = TensorProto()
+    reference.name = tensor.name
+    reference.data_type = tensor.data_type
+    reference.dims.extend(tensor.dims)
+    if tensor.doc_string:
+        reference.doc_string = tensor.doc_string
+    reference.data_location = TensorProto.EXTERNAL
+    for key, entry in (("location", location), ("offset", offset), ("length", len(payload))):
+        item = reference.external_data.add()
+        item.key, item.value = key, str(entry)
+    return reference
 
-    The returned model shares nothing with `model`: graph fields are copied one by one with the
-    initializers rebuilt without payload, so the caller's tensors are never cleared.
+
+def _inline(reference: TensorProto, handle: BinaryIO) -> TensorProto:
+    """The tensor `_externalize` stood in for, read back from `handle` (inverse of it)."""
+    where = {
+        item.key: int(item.value) for item in reference.external_data if item.key != "location"
+    }
+    tensor = TensorProto()
+    tensor.CopyFrom(reference)
+    tensor.ClearField("data_location")
+    tensor.ClearField("external_data")
+    handle.seek(where["offset"])
+    tensor.raw_data = handle.read(where["length"])
+    return tensor
+
+
+def _goes_external(tensor: TensorProto) -> bool:
+    return tensor.HasField("raw_data") and _tensor_bytes(tensor) >= EXTERNAL_MIN_BYTES
+
+
+class OnnxWriter:
+    """Writes a model whose graph arrives in pieces, without ever holding all its weights.
+
+    `add` takes nodes, initializers and value_info in final order and streams every large
+    initializer to the data file at once (the caller can drop the piece afterwards); `finish`
+    writes the model around them from `header` (opset, metadata, graph name, inputs, outputs)
+    and renames everything into place. Files go to a temporary directory beside `path` first,
+    the data file is renamed before the model, and `abort` (or an exception inside the `with`
+    block) leaves nothing at the final paths.
+
+    `external_data`: True/False forces the layout; None decides at `finish` from the total
+    initializer bytes, as `save_onnx` does (a small model is read back and stored inline).
     """
-    stripped = onnx.ModelProto()
-    _copy_fields(model, stripped, skip="graph")
-    _copy_fields(model.graph, stripped.graph, skip="initializer")
-    graph = stripped.graph
 
-    for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data") or _tensor_bytes(tensor) < EXTERNAL_MIN_BYTES:
-            graph.initializer.append(tensor)  # copies; small
-            continue
-        offset = handle.tell()
-        padding = -offset % ALIGNMENT_BYTES
-        handle.write(b"\0" * padding)
-        offset += padding
-        payload = tensor.raw_data  # one tensor's bytes at a time
-        handle.write(payload)
-        reference = graph.initializer.add()
-        reference.name = tensor.name
-        reference.data_type = tensor.data_type
-        reference.dims.extend(tensor.dims)
-        if tensor.doc_string:
-            reference.doc_string = tensor.doc_string
-        reference.data_location = TensorProto.EXTERNAL
-        for key, entry in (("location", location), ("offset", offset), ("length", len(payload))):
-            item = reference.external_data.add()
-            item.key, item.value = key, str(entry)
-        del payload
-    return stripped
+    def __init__(self, path: Path, force: bool = False, external_data: bool | None = None) -> None:
+        self.path = Path(path)
+        self.external_data = external_data
+        self.data_file = data_path(self.path)
+        check_output(self.path, force)
+        if external_data is not False:
+            check_output(self.data_file, force)
+        self._tmp = Path(
+            tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        )
+        self._handle: BinaryIO | None = None
+        if external_data is not False:
+            self._handle = open(self._tmp / self.data_file.name, "w+b")  # noqa: SIM115
+        self._graph = onnx.GraphProto()
+        self.initializer_bytes = 0
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes in the data file so far (for progress)."""
+        return self._handle.tell() if self._handle is not None else 0
+
+    def add(
+        self,
+        nodes: Iterable[onnx.NodeProto],
+        initializers: Iterable[TensorProto],
+        value_info: Iterable[onnx.ValueInfoProto] = (),
+    ) -> None:
+        """Append one piece of the graph (copies nodes and small tensors, streams large ones)."""
+        graph = self._graph
+        graph.node.extend(nodes)
+        try:
+            for tensor in initializers:
+                self.initializer_bytes += _tensor_bytes(tensor)
+                if self._handle is not None and _goes_external(tensor):
+                    graph.initializer.append(
+                        _externalize(tensor, self._handle, self.data_file.name)
+                    )
+                else:
+                    graph.initializer.append(tensor)
+        except OSError as exc:
+            raise self._error(exc) from exc
+        graph.value_info.extend(value_info)
+
+    def finish(self, header: onnx.ModelProto, doc_string: str = "") -> list[Path]:
+        """Write the model and move the files into place; returns them, data file first."""
+        model = onnx.ModelProto()
+        copy_fields(header, model, skip=("graph",))
+        copy_fields(header.graph, model.graph, skip=("node", "initializer", "value_info"))
+        graph = model.graph
+        graph.node.extend(self._graph.node)
+        graph.value_info.extend(self._graph.value_info)
+        if doc_string:
+            graph.doc_string = doc_string
+        external = self.external_data
+        if external is None:
+            external = self.initializer_bytes > PROTOBUF_LIMIT_BYTES
+        try:
+            if external or self._handle is None:
+                graph.initializer.extend(self._graph.initializer)
+            else:
+                for tensor in self._graph.initializer:
+                    is_reference = _is_external(tensor)
+                    graph.initializer.append(
+                        _inline(tensor, self._handle) if is_reference else tensor
+                    )
+            finals = [self.data_file, self.path] if external else [self.path]
+            if self._handle is not None:
+                self._handle.close()
+                if not external:
+                    (self._tmp / self.data_file.name).unlink()
+            _write_model(model, self._tmp / self.path.name)
+            del model
+            moved: list[Path] = []
+            try:
+                for final in finals:
+                    os.replace(self._tmp / final.name, final)
+                    moved.append(final)
+            except BaseException:
+                # a data file without its model is no output: take back what was moved
+                for final in moved:
+                    with contextlib.suppress(FileNotFoundError):
+                        final.unlink()
+                raise
+        except OSError as exc:
+            raise self._error(exc) from exc
+        finally:
+            self.abort()
+        return finals
+
+    def abort(self) -> None:
+        """Remove the temporary files (after `finish` only the empty directory is left)."""
+        if self._handle is not None and not self._handle.closed:
+            self._handle.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _error(self, exc: OSError) -> OutputError:
+        return OutputError(
+            f"could not write {self.path} ({exc.strerror or exc}); check free space and permissions"
+        )
+
+    def __enter__(self) -> OnnxWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abort()
 
 
 def _write_model(model: onnx.ModelProto, path: Path) -> None:
@@ -126,6 +250,7 @@ def save_onnx(
     `external_data=None` chooses automatically: external when the initializers alone would
     approach protobuf's 2 GiB limit. Raises OutputError when an output exists without `force`,
     the directory is missing or unwritable, or the model still references unloaded external data.
+    The caller's model is not changed.
     """
     path = Path(path)
     if any(_is_external(t) for t in model.graph.initializer):
@@ -135,35 +260,7 @@ def save_onnx(
         )
     if external_data is None:
         external_data = initializer_bytes(model) > PROTOBUF_LIMIT_BYTES
-    finals = [data_path(path), path] if external_data else [path]
-    for final in finals:
-        check_output(final, force)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    moved: list[Path] = []
-    try:
-        try:
-            staged = [tmp / final.name for final in finals]
-            if external_data:
-                with open(staged[0], "wb") as handle:
-                    stripped = _write_external_data(model, handle, finals[0].name)
-                _write_model(stripped, staged[1])
-            else:
-                _write_model(model, staged[0])
-            for source, final in zip(staged, finals, strict=True):
-                os.replace(source, final)
-                moved.append(final)
-        except OSError as exc:
-            raise OutputError(
-                f"could not write {path} ({exc.strerror or exc}); check free space and permissions"
-            ) from exc
-    except BaseException:
-        # a data file without its model is no output: take back what was already moved
-        if len(moved) < len(finals):
-            for final in moved:
-                with contextlib.suppress(FileNotFoundError):
-                    final.unlink()
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return finals
+    with OnnxWriter(path, force, external_data) as writer:
+        graph = model.graph
+        writer.add(graph.node, graph.initializer, graph.value_info)
+        return writer.finish(model, graph.doc_string)

@@ -157,6 +157,17 @@ def linear_of(plan: QuantPlan, fqn: str) -> tuple[int, str]:
     raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
 
 
+def plan_layers(plan: QuantPlan) -> list[int]:
+    """The decoder layers the plan holds anything for, ascending.
+
+    Passes iterate these rather than range(num_layers): the streamed export (rptq.exporter.stream)
+    runs them on one layer's fragment with the plan restricted to that layer.
+    """
+    layers = {site.layer for site in plan.sites} | {quant.layer for quant in plan.acts}
+    layers |= {linear_of(plan, quant.fqn)[0] for quant in plan.weights}
+    return sorted(layers)
+
+
 def linear_perms(
     plan: QuantPlan, layer: int, linear: str
 ) -> tuple[NDArray[np.int64] | None, NDArray[np.int64] | None]:

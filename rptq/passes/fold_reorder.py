@@ -25,6 +25,7 @@ from rptq.passes.context import (
     perm_digest,
     record_folded,
 )
+from rptq.passes.insert_qdq import graph_float_dtype
 from rptq.plan import QuantPlan, ReorderSite
 from rptq.points import LAYERNORM_SITE, LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, REORDERS, Reorder
 from rptq.quant.clusters import is_block_diagonal, is_permutation
@@ -143,11 +144,14 @@ def _plan_layernorm(
             f"node {ln.name} already reads Gather {producer.name}: the graph is already folded"
         )
     touched.extend([gamma.name, beta.name, gather_names["node"]])
+    float_dtype = graph_float_dtype(graph)
 
     def edit() -> None:
         gamma.values, beta.values = permute_layernorm(gamma.values, beta.values, site.perm)
         perm = gs.Constant(gather_names["perm"], np.ascontiguousarray(site.perm, dtype=np.int64))
-        gathered = gs.Variable(gather_names["output"], dtype=source.dtype, shape=source.shape)
+        # the graph's float dtype, not source.dtype: a streamed fragment knows its input's type
+        # where the whole graph does not, and both must export the same value_info
+        gathered = gs.Variable(gather_names["output"], dtype=float_dtype)
         node = gs.Node(
             "Gather",
             name=gather_names["node"],

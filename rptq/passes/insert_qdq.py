@@ -43,12 +43,14 @@ class ActQdq:
 
 
 def graph_float_dtype(graph: gs.Graph) -> np.dtype:
-    """The export dtype, read from the `logits` output (every rptq graph has it)."""
+    """The export dtype, read from the graph's float output.
+
+    A whole rptq graph has `logits`; a streamed fragment (rptq.exporter.stream) has one decoder
+    layer's output instead, and the passes must read the same dtype from either.
+    """
     for out in graph.outputs:
-        if out.name == names.GRAPH_LOGITS and out.dtype is not None:
-            dtype = np.dtype(out.dtype)
-            if dtype in _FLOAT_TYPES:
-                return dtype
+        if out.dtype is not None and np.dtype(out.dtype) in _FLOAT_TYPES:
+            return np.dtype(out.dtype)
     raise GraphPatternError(
         f"graph output {names.GRAPH_LOGITS} with dtype float32 or float16 not found; "
         "expected an rptq FP graph (docs/graph.md)"

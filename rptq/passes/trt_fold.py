@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from rptq import names
 from rptq.errors import GraphPatternError
-from rptq.passes.context import GraphIndex, PassContext, PassResult, folded_sites
+from rptq.passes.context import GraphIndex, PassContext, PassResult, folded_sites, plan_layers
 from rptq.passes.insert_qdq import graph_float_dtype
 from rptq.passes.trt_acts import (
     CONSUMER_POINTWISE,
@@ -241,7 +241,7 @@ def trt_fold(graph: gs.Graph, ctx: PassContext) -> PassResult:
     folded = folded_sites(graph)
     edits: list[Edit] = []
     counts = {"layernorms": 0, "pointwise_nodes": 0, "linears": 0, "weight_bytes_after": 0}
-    for layer in range(plan.model.shape["num_layers"]):
+    for layer in plan_layers(plan):
         vectors: dict[Act, ActVectors] = {}
         for quant in plan.acts:
             if quant.layer == layer:

@@ -297,7 +297,7 @@ def test_refuses_to_overwrite_without_force(fp32_graph, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "other.onnx.data"]
 
 
-def _interrupt_mid_data(model, handle, location):
+def _interrupt_mid_data(tensor, handle, location):
     handle.write(b"\0" * 100)
     raise KeyboardInterrupt
 
@@ -309,7 +309,7 @@ def _interrupt_model_write(model, path):
 @pytest.mark.parametrize("where", ["data", "model", "rename"])
 def test_interrupted_save_leaves_nothing(fp32_graph, tmp_path, monkeypatch, where):
     if where == "data":
-        monkeypatch.setattr(save_module, "_write_external_data", _interrupt_mid_data)
+        monkeypatch.setattr(save_module, "_externalize", _interrupt_mid_data)
     elif where == "model":
         monkeypatch.setattr(save_module, "_write_model", _interrupt_model_write)
     else:  # the data file is already in place when the model rename is interrupted
@@ -328,10 +328,10 @@ def test_interrupted_save_leaves_nothing(fp32_graph, tmp_path, monkeypatch, wher
 
 
 def test_write_failure_is_an_output_error(fp32_graph, tmp_path, monkeypatch):
-    def fail(model, handle, location):
+    def fail(tensor, handle, location):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(save_module, "_write_external_data", fail)
+    monkeypatch.setattr(save_module, "_externalize", fail)
     with pytest.raises(OutputError, match="No space left"):
         save_onnx(fp32_graph, tmp_path / "m.onnx", external_data=True)
     assert list(tmp_path.iterdir()) == []
