@@ -114,6 +114,9 @@ def run_measured(
     """Run `command`, return wall time and peak RSS; kill it above `memory_limit_bytes`.
 
     stdout/stderr go to files under `log_dir` (pipes could fill and block a long child).
+    The child's ru_maxrss starts at the calling process's own peak RSS (Linux keeps the
+    high-water mark across vfork + exec: with torch imported here, `python -c pass` reports
+    0.2 GiB), so callers should measure before importing anything heavy.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"

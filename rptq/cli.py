@@ -169,11 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("model", help="Hugging Face OPT directory or hub id")
     cal.add_argument("-o", "--output", required=True, help="plan directory to write")
     cal.add_argument("--force", action="store_true", help="overwrite an existing plan")
+    cal.add_argument(
+        "--target",
+        choices=["ort", "tensorrt"],
+        default="ort",
+        help="the export target the weights are calibrated for: tensorrt quantizes them as the "
+        "TensorRT variant holds them (activation scales folded in, symmetric; export the plan "
+        "with --target tensorrt)",
+    )
     _calib_args(cal)
 
-    exp = add("export", "export MODEL with a plan to ONNX (folded reorders, per-cluster Q/DQ)")
+    exp = add(
+        "export", "export MODEL with a plan to ONNX (folded reorders, per-cluster Q/DQ); FP without"
+    )
     exp.add_argument("model", help="Hugging Face OPT directory or hub id")
-    exp.add_argument("--plan", required=True, help="plan directory from `calibrate`")
+    exp.add_argument("--plan", help="plan directory from `calibrate` (omit: the FP graph)")
     _export_args(exp)
 
     ev = add("eval", "perplexity of a model, a model + plan (PyTorch reference) or an .onnx file")

@@ -40,6 +40,9 @@ def _recipe(args: argparse.Namespace, max_positions: int | None = None) -> Recip
         "weight_group_size": args.weight_group_size,
         "lorc_rank": args.lorc_rank,
         "lorc_bits": args.lorc_bits,
+        # `calibrate --target` and `run --target`: weights quantized as that target's graph
+        # holds them (a run with --plan keeps the plan's own target)
+        "target": "trt" if getattr(args, "target", "ort") == "tensorrt" else "ort",
     }
     if args.clusters is not None:
         fields["clusters"] = args.clusters
@@ -94,6 +97,8 @@ def _weight_method(recipe: Recipe) -> str:
     if recipe.lorc_rank:
         kind = "int8" if recipe.lorc_bits == 8 else "float"
         parts.append(f"LoRC rank {recipe.lorc_rank} ({kind} factors)")
+    if recipe.target == "trt":
+        parts.append("calibrated for --target tensorrt")
     return ", ".join(parts)
 
 
@@ -134,15 +139,6 @@ def _pass_target(args: argparse.Namespace) -> Literal["ort", "trt"]:
     block = getattr(args, "int4_block", None)
     if block is not None and target != "tensorrt":
         raise ConfigError("--int4-block applies to --target tensorrt only")
-    if target == "tensorrt" and (
-        getattr(args, "weight_method", "rtn") == "gptqt"
-        or getattr(args, "lorc_rank", 0)
-        or getattr(args, "weight_group_size", 0)
-    ):
-        raise ConfigError(
-            "--target tensorrt does not support --weight-method gptqt, --lorc-rank or "
-            "--weight-group-size yet; use per-row rtn or gptq weights, or --target ort"
-        )
     return "trt" if target == "tensorrt" else "ort"
 
 
@@ -184,9 +180,11 @@ def cmd_export(args: argparse.Namespace) -> Summary:
     output = Path(args.output)
     check_output(output, args.force)
     target = _pass_target(args)
-    with stage(1, 2, f"loading {args.model} and plan {args.plan}"):
+    plan: QuantPlan | None = None
+    with stage(1, 2, f"loading {args.model}" + (f" and plan {args.plan}" if args.plan else "")):
         model = load_model(args.model)
-        plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
+        if args.plan:
+            plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
     with stage(2, 2, f"exporting {output}"):
         summary = export_onnx(
             model, plan, output, args.dtype, args.opset, args.force, target, args.int4_block or 0

@@ -124,7 +124,9 @@ def binary_weight(module_path: str, planes: int) -> dict[str, str]:
     (scale α_i per output channel, zero point 0), summed in plane order, plus the offset β.
 
     The sum's result is `<module>.weight_dequantized`, the same tensor name a linear
-    DequantizeLinear writes, so every weight feeds its MatMul through one name.
+    DequantizeLinear writes, so every weight feeds its MatMul through one name. The TensorRT
+    variant multiplies each plane instead (plane 0 in `<module>/MatMul`, plane i > 0 in
+    `plane{i}_matmul`) and sums the products with the `sum{i}` nodes.
     """
     out = {
         "offset": f"{module_path}.weight_offset",
@@ -140,6 +142,8 @@ def binary_weight(module_path: str, planes: int) -> dict[str, str]:
         if i > 0:  # running sum of planes 0..i
             out[f"sum{i}_node"] = f"{module_path}/weight/plane{i}/Add"
             out[f"sum{i}"] = f"{module_path}.weight_sum{i}"
+            out[f"plane{i}_matmul"] = f"{module_path}/weight/plane{i}/MatMul"
+            out[f"plane{i}_product"] = f"{module_path}/weight/plane{i}/product"
     return out
 
 

@@ -28,6 +28,7 @@ from rptq.plan_weights import (
     check_weight_extras,
     extra_json,
     extra_tensors,
+    folded_from,
     group_count,
     groups_from,
     lorc_from,
@@ -50,6 +51,7 @@ SCHEMA_VERSION = 1
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "tensors.safetensors"
 ABITS_CHOICES = (3, 4, 8, 16)
+TARGETS = ("ort", "trt")  # the runtime a plan's weights are calibrated for (CLI: ort, tensorrt)
 
 
 class Granularity(StrEnum):
@@ -101,8 +103,16 @@ class Recipe:
     gptq_block_size: int = 128  # GPTQ lazy-batch width (columns updated together)
     act_order: bool = False  # GPTQ visits columns by decreasing Hessian diagonal
     weight_group_size: int = 0  # input channels per weight scale (graph order); 0 = per row
+    # "trt": weights are quantized as the TensorRT variant's graph holds them (activation
+    # scales folded into their input channels, symmetric codes; plan_weights, "Folded input
+    # scale"). Written to plan.json only when "trt", so plans without it load as "ort".
+    target: str = "ort"
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ConfigError(
+                f"target {self.target!r} is not supported; use ort or tensorrt (plan: 'trt')"
+            )
         if not (2 <= self.wbits <= 8 or self.wbits == 16):
             raise ConfigError(f"--wbits {self.wbits} is not supported; use 2..8, or 16 for float")
         if self.abits not in ABITS_CHOICES:
@@ -146,6 +156,12 @@ class Recipe:
             raise ConfigError("--act-order needs --weight-method gptq or gptqt")
         if self.weight_group_size < 0:
             raise ConfigError(f"--weight-group-size must be >= 0, got {self.weight_group_size}")
+        if self.target == "trt" and self.weight_group_size:
+            raise ConfigError(
+                "--weight-group-size is not supported with --target tensorrt (TensorRT takes "
+                "per-channel INT8 weights; its INT4 blocks repeat per-channel scales); "
+                "calibrate with --weight-group-size 0, or use --target ort"
+            )
         if self.weight_group_size and self.weight_method is WeightMethod.GPTQT:
             raise ConfigError(
                 "--weight-group-size is not supported with --weight-method gptqt (its binary "
@@ -204,7 +220,9 @@ class WeightQuant:
     `binary` (GPTQT) replaces the linear dequantization by binary planes; `lorc` adds a
     low-rank correction. Either is None for plain RTN/GPTQ codes. With `group_index`, scale
     and zero are [out, groups] and input channel j uses column group_index[j] (groups are
-    contiguous blocks in the exported graph's channel order, see plan_weights).
+    contiguous blocks in the exported graph's channel order, see plan_weights). With
+    `folded_scale` (plans calibrated for TensorRT) everything above stands for W·diag(c),
+    c = folded_scale, with symmetric codes (zero 0) unless binary.
     """
 
     fqn: str
@@ -215,13 +233,29 @@ class WeightQuant:
     binary: BinaryCode | None = None
     lorc: LowRank | None = None
     group_index: NDArray[np.int32] | None = None  # [in]: scale column of each input channel
+    folded_scale: NDArray[np.float32] | None = None  # [in]: input scale folded in (TensorRT)
 
     @property
     def key(self) -> str:
         return self.fqn
 
     def values(self) -> NDArray[np.float32]:
-        """The float weight [out, in] this entry stands for (what the reference multiplies by)."""
+        """The float weight [out, in] this entry stands for (what the reference multiplies by),
+        in the model's own domain (a folded input scale divided back out)."""
+        return weight_values(
+            self.codes,
+            self.scale,
+            self.zero,
+            self.bits,
+            self.binary,
+            self.lorc,
+            self.group_index,
+            self.folded_scale,
+        )
+
+    def folded_values(self) -> NDArray[np.float32]:
+        """The weight [out, in] as the TensorRT variant's graph holds it: W·diag(folded_scale),
+        or values() when nothing was folded in."""
         return weight_values(
             self.codes, self.scale, self.zero, self.bits, self.binary, self.lorc, self.group_index
         )
@@ -289,7 +323,7 @@ class QuantPlan:
             tensors[f"{w.key}.codes"] = w.codes.astype(np.int8)
             tensors[f"{w.key}.scale"] = w.scale.astype(np.float32)
             tensors[f"{w.key}.zero"] = w.zero.astype(np.int32)
-            tensors.update(extra_tensors(w.key, w.binary, w.lorc, w.group_index))
+            tensors.update(extra_tensors(w.key, w.binary, w.lorc, w.group_index, w.folded_scale))
         # safetensors writes an array's memory as is: a Fortran-ordered one would load transposed
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         index = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()}
@@ -300,6 +334,8 @@ class QuantPlan:
         recipe["granularity"] = str(self.recipe.granularity)
         recipe["act_metric"] = str(self.recipe.act_metric)
         recipe["weight_method"] = str(self.recipe.weight_method)
+        if self.recipe.target == "ort":
+            del recipe["target"]  # optional field: ORT plans stay readable by older rptq
         return {
             "schema_version": self.schema_version,
             "model": asdict(self.model),
@@ -307,7 +343,11 @@ class QuantPlan:
             "sites": [{"layer": s.layer, "point": str(s.point)} for s in self.sites],
             "acts": [{"layer": a.layer, "act": str(a.act), "bits": a.bits} for a in self.acts],
             "weights": [
-                {"fqn": w.fqn, "bits": w.bits, **extra_json(w.binary, w.lorc, w.group_index)}
+                {
+                    "fqn": w.fqn,
+                    "bits": w.bits,
+                    **extra_json(w.binary, w.lorc, w.group_index, w.folded_scale),
+                }
                 for w in self.weights
             ],
             "provenance": self.provenance,
@@ -360,8 +400,17 @@ def validate_plan(plan: QuantPlan, where: str) -> None:
             raise PlanError(f"{where}: {w.key}.codes leave the {w.bits}-bit grid; {fix}")
         _check_scale(w.scale, f"{where}: {w.key}.scale")
         check_weight_extras(
-            w.key, w.codes.shape, w.bits, w.binary, w.lorc, f"{where}: ", w.group_index
+            w.key,
+            w.codes.shape,
+            w.bits,
+            w.binary,
+            w.lorc,
+            f"{where}: ",
+            w.group_index,
+            w.folded_scale,
         )
+        if w.folded_scale is not None and w.binary is None and np.any(w.zero != 0):
+            raise PlanError(f"{where}: {w.key} is folded for TensorRT but not symmetric; {fix}")
 
 
 def _check_scale(scale: NDArray[np.float32], what: str) -> None:
@@ -463,6 +512,7 @@ def _plan_from(meta: dict[str, Any], tensors: dict[str, NDArray[Any]]) -> QuantP
             binary_from(w, tensors),
             lorc_from(w, tensors),
             groups_from(w, tensors),
+            folded_from(w, tensors),
         )
         for w in meta["weights"]
     )

@@ -1,4 +1,5 @@
-"""The optional parts of a plan's weight entries: GPTQT binary codes, LoRC factors, groups.
+"""The optional parts of a plan's weight entries: GPTQT binary codes, LoRC factors, groups,
+and the input scale a TensorRT-target weight was calibrated with.
 
 Groups: a grouped weight has one (scale, zero) per output row and group of input channels,
 scale/zero [out, groups], and `group_index` [in] names each Hugging Face input channel's
@@ -6,11 +7,18 @@ group. Groups are contiguous blocks of `weight_group_size` channels in the expor
 input order (after the reorder), so the export is one blocked DequantizeLinear (ONNX opset 21
 `block_size`); storing the index rather than the permutation keeps an entry self-contained.
 
+Folded input scale (plans calibrated with `--target tensorrt`): the TensorRT variant folds the
+activation scale c of a linear's quantized input into the weight's input channels, so the
+weight it quantizes is W' = W·diag(c). Such an entry's codes, scale, binary code and LoRC
+factors all stand for W'; `folded_scale` [in] (Hugging Face input order) is c, and the model's
+weight is W'·diag(1/c). Storing c keeps the entry self-contained and lets the export check that
+the plan's activation scales are the ones the weight was calibrated with.
+
 Kept beside plan.py (which re-exports the types) so that the plan module stays about the
 reorder sites and the linear codes. On disk they are extra tensors under the weight's key
-(`<fqn>.bcq.alpha|beta`, `<fqn>.lorc.u|v[.scale|.zero]`, `<fqn>.group_index`) and one extra
-JSON field per weight (`binary_planes`, `lorc_bits`, `groups`); plans without them load
-unchanged (schema version 1).
+(`<fqn>.bcq.alpha|beta`, `<fqn>.lorc.u|v[.scale|.zero]`, `<fqn>.group_index`,
+`<fqn>.folded_scale`) and one extra JSON field per weight (`binary_planes`, `lorc_bits`,
+`groups`, `folded_input`); plans without them load unchanged (schema version 1).
 """
 
 from __future__ import annotations
@@ -95,12 +103,14 @@ def weight_values(
     binary: BinaryCode | None,
     lorc: LowRank | None,
     group_index: NDArray[np.integer] | None = None,
+    folded_scale: NDArray[np.floating] | None = None,
 ) -> NDArray[np.float32]:
     """The float weight [out, in] a plan entry stands for, in float32.
 
     Linear codes dequantize per row; a binary code replaces them by Σ α_i b_i + β; LoRC adds
     Û V̂ᵀ. The export computes the same terms (the branch as a separate MatMul, so its sum is
-    reassociated: equal up to float rounding, not bit-equal).
+    reassociated: equal up to float rounding, not bit-equal). With a folded input scale c the
+    terms stand for W·diag(c), so the result is divided by c per input channel.
     """
     if binary is None and group_index is not None:
         values = dequantize(codes, scale[:, group_index], zero[:, group_index])
@@ -111,6 +121,8 @@ def weight_values(
         values = binary_weight(planes, binary.alpha, binary.beta, axis=0)
     if lorc is not None:
         values = values + lowrank_product(lorc.u.dequantized(), lorc.v.dequantized())
+    if folded_scale is not None:
+        values = values.astype(np.float32) / np.asarray(folded_scale, np.float32)[None, :]
     return values.astype(np.float32)
 
 
@@ -122,9 +134,19 @@ def check_weight_extras(
     lorc: LowRank | None,
     where: str,
     group_index: NDArray[np.integer] | None = None,
+    folded_scale: NDArray[np.floating] | None = None,
 ) -> None:
-    """Shapes, ranges and finiteness of a weight's binary code, LoRC factors, groups."""
+    """Shapes, ranges and finiteness of a weight's binary code, LoRC factors, groups and
+    folded input scale."""
     rows, cols = codes_shape
+    if folded_scale is not None and (
+        folded_scale.shape != (cols,)
+        or not np.all(np.isfinite(folded_scale))
+        or np.any(folded_scale <= 0)
+    ):
+        raise PlanError(
+            f"{where}{key}.folded_scale must hold {cols} finite positive input scales; {FIX}"
+        )
     if group_index is not None:
         sizes = np.bincount(group_index, minlength=1) if group_index.size else np.zeros(0)
         if group_index.shape != (cols,) or group_index.min(initial=0) < 0 or np.any(sizes == 0):
@@ -176,10 +198,15 @@ def _check_factor(what: str, factor: LowRankFactor, length: int, rank: int) -> N
 
 
 def extra_json(
-    binary: BinaryCode | None, lorc: LowRank | None, group_index: NDArray[np.integer] | None
+    binary: BinaryCode | None,
+    lorc: LowRank | None,
+    group_index: NDArray[np.integer] | None,
+    folded_scale: NDArray[np.floating] | None = None,
 ) -> dict[str, int]:
     """JSON fields of a weight entry that say which extra tensors it has."""
     entry = {}
+    if folded_scale is not None:
+        entry["folded_input"] = 1
     if group_index is not None:
         entry["groups"] = group_count(group_index)
     if binary is not None:
@@ -194,9 +221,13 @@ def extra_tensors(
     binary: BinaryCode | None,
     lorc: LowRank | None,
     group_index: NDArray[np.integer] | None = None,
+    folded_scale: NDArray[np.floating] | None = None,
 ) -> dict[str, NDArray[Any]]:
-    """Tensors of the binary code (`<key>.bcq.*`), LoRC factors (`<key>.lorc.*`) and groups."""
+    """Tensors of the binary code (`<key>.bcq.*`), LoRC factors (`<key>.lorc.*`), groups and
+    the folded input scale (`<key>.folded_scale`)."""
     out: dict[str, NDArray[Any]] = {}
+    if folded_scale is not None:
+        out[f"{key}.folded_scale"] = np.asarray(folded_scale, np.float32)
     if group_index is not None:
         out[f"{key}.group_index"] = np.asarray(group_index, np.int32)
     if binary is not None:
@@ -225,6 +256,11 @@ def binary_from(entry: dict[str, Any], tensors: dict[str, NDArray[Any]]) -> Bina
 def groups_from(entry: dict[str, Any], tensors: dict[str, NDArray[Any]]) -> NDArray[Any] | None:
     """The group of each input channel of a JSON weight entry, if it is grouped."""
     return tensors[f"{entry['fqn']}.group_index"] if "groups" in entry else None
+
+
+def folded_from(entry: dict[str, Any], tensors: dict[str, NDArray[Any]]) -> NDArray[Any] | None:
+    """The folded input scale of a JSON weight entry calibrated for TensorRT, if it has one."""
+    return tensors[f"{entry['fqn']}.folded_scale"] if "folded_input" in entry else None
 
 
 def lorc_from(entry: dict[str, Any], tensors: dict[str, NDArray[Any]]) -> LowRank | None:

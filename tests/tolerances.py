@@ -13,6 +13,13 @@ FOLD_RTOL = 1e-5
 # most 2 steps and 0.41% of codes (layer 1 ffn_ln_out); a wrong scale moves whole clusters.
 QDQ_DRIFT_MAX_STEPS = 3.0
 QDQ_MAX_FLIPPED_FRACTION = 0.01
+# Where one tie flip cascades (A8 grids are fine, so a one-step flip of an 8-bit input moves a
+# later activation several of its steps; GPTQT's per-plane GEMMs and LoRC branches reassociate
+# sums), the first activation in data-flow order that differs at all must differ as a tie flip
+# does: one step, in few codes. Measured on the tiny TensorRT-calibrated plans (W4A8 GPTQ,
+# GPTQT, LoRC; W3A4 GPTQT): 1 step, at most 0.025 % of codes; a wrong scale moves whole clusters.
+QDQ_FIRST_FLIP_MAX_STEPS = 1.0
+QDQ_FIRST_FLIP_MAX_FRACTION = 0.001
 # Logit SQNR of ORT vs the reference. Flipped codes propagate, so logits are not bit-equal;
 # 30 dB means the noise energy is 0.1% of the signal. The negative control (one cluster scale
 # perturbed) must fall below it.

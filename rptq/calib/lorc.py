@@ -15,17 +15,32 @@ from numpy.typing import NDArray
 
 from rptq.plan_weights import LowRank, LowRankFactor
 from rptq.quant.lowrank import FACTOR_BITS, quantize_factor, split_svd
+from rptq.quant.trt_weights import requantize_folded
 
 log = logging.getLogger(__name__)
 
 
+def _symmetric_factor(
+    factor: NDArray[np.floating],
+) -> tuple[NDArray[np.int8], NDArray[np.float32], NDArray[np.int32]]:
+    """8-bit codes of a factor [rows, R], one symmetric scale per row, zero points 0."""
+    codes, scale = requantize_folded(np.asarray(factor, np.float32), None, FACTOR_BITS)
+    return codes, scale, np.zeros(scale.shape, np.int32)
+
+
 def lorc_correction(
-    weight: torch.Tensor, quantized: NDArray[np.float32], rank: int, bits: int
+    weight: torch.Tensor,
+    quantized: NDArray[np.float32],
+    rank: int,
+    bits: int,
+    symmetric: bool = False,
 ) -> LowRank | None:
     """Top-`rank` factors of E = W − Ŵ ([out, in]); None when E is exactly zero.
 
     A rank above min(out, in) is clamped to it (full rank then recovers W up to float error).
     `bits` 8 stores both factors as int8 codes with one scale per row; 16 keeps them float.
+    `symmetric` (TensorRT, whose DequantizeLinear takes zero points of 0 only) quantizes the
+    int8 rows on the symmetric grid ±127 with zero point 0.
     """
     if quantized.shape != tuple(weight.shape):
         raise ValueError(f"quantized {quantized.shape} does not match weight {tuple(weight.shape)}")
@@ -41,8 +56,6 @@ def lorc_correction(
         u.cpu().double().numpy(), singular.cpu().double().numpy(), vh.cpu().double().numpy(), kept
     )
     if bits == FACTOR_BITS:
-        return LowRank(
-            LowRankFactor(bits, *quantize_factor(u_hat)),
-            LowRankFactor(bits, *quantize_factor(v_hat)),
-        )
+        quantize = _symmetric_factor if symmetric else quantize_factor
+        return LowRank(LowRankFactor(bits, *quantize(u_hat)), LowRankFactor(bits, *quantize(v_hat)))
     return LowRank(LowRankFactor(bits, u_hat), LowRankFactor(bits, v_hat))

@@ -7,7 +7,8 @@ entering it; each row is pushed through the layer on its own. Per layer (RPTQ se
 2. clustering: KMeans per reorder point -> permutation and cluster sizes;
 3. activation calibration pass (float layer): per-cluster ranges -> scales and zero points,
    and (GPTQ/GPTQT) the Hessians of the six linears' inputs;
-4. weights: RTN, GPTQ or GPTQT codes per output row, optionally LoRC (calib/weight_methods.py);
+4. weights: RTN, GPTQ or GPTQT codes per output row, optionally LoRC (calib/weight_methods.py),
+   for `--target tensorrt` on the weights as its graph holds them (calib/trt_domain.py);
 5. output pass with fake-quantized weights and activations: the next layer's inputs.
 
 So activation ranges of layer i are measured inside the float layer i, on the quantized outputs
@@ -27,6 +28,7 @@ import torch
 from rptq.calib.cluster import cluster_channels, fixed_clusters
 from rptq.calib.gptq import HessianTap
 from rptq.calib.observers import ChannelRangeObserver, ClusterRangeObserver
+from rptq.calib.trt_domain import trt_adjust
 from rptq.calib.weight_methods import hessian_tap, needs_hessian, quantize_layer
 from rptq.errors import ConfigError
 from rptq.model.fakequant import FakeQuantTap, apply_weights
@@ -155,8 +157,9 @@ def calibrate(
             layer_acts = _calibrate_acts(
                 i, hidden, layer_weights, additive, shape, recipe, layer_sites, hessians
             )
+            adjust = trt_adjust(layer_acts, layer_sites) if recipe.target == "trt" else None
             layer_wq = (
-                quantize_layer(i, layer_weights, recipe, layer_sites, hessians)
+                quantize_layer(i, layer_weights, recipe, layer_sites, hessians, adjust)
                 if recipe.wbits < 16
                 else []
             )

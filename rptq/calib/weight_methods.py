@@ -5,8 +5,11 @@ it (Hugging Face orientation), the Hessian of the inputs that weight sees, and t
 of the graph. The runner builds problems from the float layer and the plan's reorder sites
 (the ONNX target folds only permutations into the weights). A target that folds more into the
 weights (TensorRT folds cluster scales: W' = W diag(c) with inputs x / c, so H' = diag(1/c) H
-diag(1/c)) passes `adjust` to hand its own weight and Hessian to the same methods, so that what
-is exported is what was optimized.
+diag(1/c); calib/trt_domain.py) passes `adjust` to hand its own weight and Hessian to the same
+methods, so that what is exported is what was optimized. Such a problem carries
+`folded_scale` = c: RTN and GPTQ then use the symmetric per-row grid TensorRT takes
+(rptq.quant.trt_weights), GPTQT its usual grid (its planes are exported with an offset term),
+and LoRC factors are quantized symmetrically.
 
 Codes are stored back in Hugging Face column order (the plan's contract); the sweep itself runs
 on the permuted columns because GPTQ's column order changes its result. Weight groups
@@ -33,6 +36,7 @@ from rptq.plan import Recipe, ReorderSite, WeightMethod, WeightQuant
 from rptq.points import LINEAR_INPUT_SITE, LINEARS, Act
 from rptq.quant.clusters import inverse_permutation
 from rptq.quant.qparams import affine_params, grid_bounds, quantize
+from rptq.quant.trt_weights import symmetric_codes, symmetric_max, symmetric_scale
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +57,18 @@ class LinearProblem:
 
     `weight` [out, in] in Hugging Face orientation; `hessian` [in, in] of the inputs in the same
     (Hugging Face) channel order, None for RTN; `in_perm` the graph's column order (position i
-    holds column in_perm[i]), None for the identity.
+    holds column in_perm[i]), None for the identity. `folded_scale` [in] is the activation
+    scale already folded into `weight` (and out of `hessian`) for the TensorRT target; None
+    for a weight in the model's own domain. `symmetric` selects TensorRT's zero-point-free
+    grids (weights, LoRC factors).
     """
 
     fqn: str
     weight: torch.Tensor
     hessian: torch.Tensor | None
     in_perm: NDArray[np.int64] | None
+    folded_scale: NDArray[np.float32] | None = None
+    symmetric: bool = False
 
 
 AdjustFn = Callable[[str, LinearProblem], LinearProblem]  # (linear, problem) -> problem
@@ -115,6 +124,8 @@ def _linear_codes(problem: LinearProblem, recipe: Recipe) -> WeightQuant:
             recipe.act_order,
         )
         codes, scale, zero, binary = gptqt.codes, gptqt.scale, gptqt.zero, gptqt.binary
+    elif problem.folded_scale is not None:
+        codes, scale, zero = _symmetric_codes(weight, hessian, recipe)
     else:
         w = weight.cpu().numpy()
         scale, zero = weight_grid(w, bits, group_size)
@@ -153,12 +164,58 @@ def _linear_codes(problem: LinearProblem, recipe: Recipe) -> WeightQuant:
     )
 
 
+def _symmetric_codes(
+    weight: torch.Tensor, hessian: torch.Tensor | None, recipe: Recipe
+) -> tuple[NDArray[np.int8], NDArray[np.float32], NDArray[np.int32]]:
+    """RTN or GPTQ codes of a folded weight on TensorRT's grid: scale max|row| / qmax fixed
+    from the float row (as the export's re-quantization), zero point 0, codes in ±qmax.
+
+    RTN is rptq.quant.trt_weights' own rounding, so a TensorRT RTN plan holds exactly the
+    codes the export computed before plans knew their target.
+    """
+    w = weight.cpu().numpy()
+    bits = recipe.wbits
+    scale = symmetric_scale(w, bits)
+    zero = np.zeros(scale.shape, np.int32)
+    if recipe.weight_method is WeightMethod.RTN:
+        return symmetric_codes(w, scale, bits), scale, zero
+    assert hessian is not None
+    qmax = symmetric_max(bits)
+    quantizer = GridQuantizer(
+        torch.from_numpy(scale).to(weight.device),
+        torch.from_numpy(zero).to(weight.device),
+        -qmax,
+        qmax,
+    )
+    result = gptq_sweep(
+        weight,
+        hessian,
+        quantizer,
+        recipe.gptq_percdamp,
+        recipe.gptq_block_size,
+        recipe.act_order,
+    )
+    return result.codes.cpu().numpy().astype(np.int8), scale, zero
+
+
 def quantize_linear(problem: LinearProblem, recipe: Recipe) -> WeightQuant:
-    """The plan entry of one linear: the method's codes, plus LoRC factors when asked for."""
+    """The plan entry of one linear: the method's codes, plus LoRC factors when asked for.
+
+    LoRC factors approximate the error of the weight the graph holds (W·diag(c) for a folded
+    problem), so the entry's folded input scale is attached only afterwards.
+    """
     quant = _linear_codes(problem, recipe)
     if recipe.lorc_rank:
-        lorc = lorc_correction(problem.weight, quant.values(), recipe.lorc_rank, recipe.lorc_bits)
+        lorc = lorc_correction(
+            problem.weight,
+            quant.values(),
+            recipe.lorc_rank,
+            recipe.lorc_bits,
+            symmetric=problem.symmetric,
+        )
         quant = replace(quant, lorc=lorc)
+    if problem.folded_scale is not None:
+        quant = replace(quant, folded_scale=problem.folded_scale)
     return quant
 
 

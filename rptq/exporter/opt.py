@@ -361,21 +361,22 @@ def _model_proto(
 ) -> onnx.ModelProto:
     """Wrap the builder's nodes in a model with rptq's opset, producer and metadata."""
     shape = model.shape
-    graph = helper.make_graph(
-        g.nodes,
-        f"rptq-{model.name}-prefill",
-        inputs=inputs,
-        outputs=outputs,
-        initializer=g.initializers,
-    )
+    # filled in place: helper.make_graph + make_model would copy every weight twice
     opsets = [helper.make_opsetid("", opset)]
-    proto = helper.make_model(
-        graph,
-        opset_imports=opsets,
+    proto = onnx.ModelProto(
+        ir_version=helper.find_min_ir_version_for(opsets),
         producer_name="rptq",
         producer_version=rptq.__version__,
-        ir_version=helper.find_min_ir_version_for(opsets),
     )
+    proto.opset_import.extend(opsets)
+    graph = proto.graph
+    graph.name = f"rptq-{model.name}-prefill"
+    graph.node.extend(g.nodes)
+    graph.input.extend(inputs)
+    graph.output.extend(outputs)
+    for i, tensor in enumerate(g.initializers):
+        graph.initializer.append(tensor)
+        g.initializers[i] = None  # type: ignore[call-overload]  # the copy in `graph` remains
     helper.set_model_props(
         proto,
         {

@@ -19,8 +19,9 @@ Streamed and whole exports of the same model and plan are then byte-identical (t
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import onnx
 
@@ -36,7 +37,7 @@ class Part:
     """Nodes, initializers and value_info of one part, in canonical order."""
 
     nodes: list[onnx.NodeProto] = field(default_factory=list)
-    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    initializers: list[Any] = field(default_factory=list)  # what `layout_part` was given
     value_info: list[onnx.ValueInfoProto] = field(default_factory=list)
 
 
@@ -89,7 +90,7 @@ def topological_nodes(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
 
 def layout_part(
     nodes: Sequence[onnx.NodeProto],
-    initializers: Iterable[onnx.TensorProto],
+    initializers: Mapping[str, Any],
     value_info: Iterable[onnx.ValueInfoProto],
     external_uses: frozenset[str] | set[str] = frozenset(),
     placed: set[str] | None = None,
@@ -99,11 +100,13 @@ def layout_part(
     `external_uses`: tensors that nodes outside this part (or the graph outputs) read; their
     value_info is dropped. `placed`: initializers an earlier part already holds (the tied LM
     head reads the prologue's token embedding); updated with this part's. Initializers no node
-    of the part reads are dropped (a cleaned graph has none).
+    of the part reads are dropped (a cleaned graph has none). `initializers` maps names to
+    TensorProtos, or to anything the caller turns into one later (the streamed export passes
+    onnx-graphsurgeon constants and converts them one at a time).
     """
     placed = set() if placed is None else placed
     ordered = topological_nodes(nodes)
-    by_name = {tensor.name: tensor for tensor in initializers}
+    by_name = initializers
     infos = {info.name: info for info in value_info}
     part = Part(nodes=ordered)
     for node in ordered:
@@ -144,10 +147,8 @@ def split_parts(graph: onnx.GraphProto, num_layers: int) -> list[Part]:
             if name in made_in and made_in[name] != part_of_node[node.name]:
                 crossing.add(name)
     placed: set[str] = set()
-    return [
-        layout_part(nodes, graph.initializer, graph.value_info, crossing, placed)
-        for nodes in grouped
-    ]
+    by_name = {tensor.name: tensor for tensor in graph.initializer}
+    return [layout_part(nodes, by_name, graph.value_info, crossing, placed) for nodes in grouped]
 
 
 def canonical_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -14,12 +14,14 @@ it with `save_onnx(canonical_model(...))` (tests/graph/test_stream_export.py).
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from rptq.exporter.opt import (
     ExportDtype,
@@ -27,7 +29,7 @@ from rptq.exporter.opt import (
     layer_fragment,
     prologue_fragment,
 )
-from rptq.exporter.parts import layout_part, merge_records
+from rptq.exporter.parts import Part, layout_part, merge_records
 from rptq.exporter.save import OnnxWriter, copy_fields
 from rptq.model.load import LoadedModel
 from rptq.plan import QuantPlan
@@ -66,6 +68,46 @@ def _fragments(
     yield None, lambda: head_fragment(model, dtype, opset)
 
 
+def _write_graph(graph: gs.Graph, writer: OnnxWriter) -> Part:
+    """Export `graph` (a transformed fragment) into `writer`, one initializer at a time.
+
+    The same conversions as onnx-graphsurgeon's export_onnx (which pipeline.export_graph uses
+    for the whole graph), minus building a ModelProto: nodes and value_info first, then each
+    constant becomes a TensorProto, is streamed to the data file and dropped.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    from rptq.passes.quantize_weights import wrap_packed_constants
+
+    wrap_packed_constants(graph)
+    nodes = [OnnxExporter.export_node(node) for node in graph.nodes]
+    tensors = graph.tensors()
+    boundary = {tensor.name for tensor in graph.inputs + graph.outputs}
+    constants = {name: t for name, t in tensors.items() if isinstance(t, gs.Constant)}
+    infos = [
+        OnnxExporter.export_value_info_proto(tensor, do_type_check=True)
+        for name, tensor in tensors.items()
+        if name not in boundary
+        and isinstance(tensor, gs.Variable)
+        and (tensor.dtype is not None or tensor.shape is not None)
+    ]
+    part = layout_part(nodes, constants, infos, {out.name for out in graph.outputs})
+    writer.add(part.nodes, (), part.value_info)
+    for constant in part.initializers:
+        writer.add((), [OnnxExporter.export_tensor_proto(constant)])
+    return part
+
+
+def _write_proto(model: onnx.ModelProto, writer: OnnxWriter) -> Part:
+    """Write an untransformed fragment (FP export) into `writer`."""
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    crossing = {out.name for out in graph.output}
+    part = layout_part(graph.node, initializers, graph.value_info, crossing)
+    writer.add(part.nodes, part.initializers, part.value_info)
+    return part
+
+
 def export_streamed(
     model: LoadedModel,
     plan: QuantPlan | None,
@@ -83,8 +125,10 @@ def export_streamed(
     Raises what the exporter and the passes raise (ConfigError, GraphPatternError, PlanError)
     before anything is at `output`, and OutputError for unwritable outputs.
     """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
     from rptq.passes.context import PassContext
-    from rptq.passes.pipeline import run_passes
+    from rptq.passes.pipeline import transform_graph
 
     total = model.shape.num_layers + 2
     counts: Counter[str] = Counter()
@@ -93,27 +137,34 @@ def export_streamed(
     with OnnxWriter(Path(output), force, external_data) as writer:
         for done, (layer, build) in enumerate(_fragments(model, dtype, opset), start=1):
             fragment = build()
-            if plan is not None:
+            if done == 1:
+                copy_fields(fragment, header, skip=("graph",))
+                header.graph.name = fragment.graph.name
+            if plan is None:
+                inputs, outputs = list(fragment.graph.input), list(fragment.graph.output)
+                docs.append(fragment.graph.doc_string)
+                part = _write_proto(fragment, writer)
+            else:
                 ctx = PassContext(
                     plan=plan_for_layer(plan, layer),
                     target=target,  # type: ignore[arg-type]
                     opset=opset,
                     int4_block_size=int4_block_size,
                 )
-                fragment, _ = run_passes(fragment, ctx)
-            graph = fragment.graph
+                graph, _ = transform_graph(fragment, ctx)
+                export = OnnxExporter.export_value_info_proto
+                inputs = [export(tensor, do_type_check=True) for tensor in graph.inputs]
+                outputs = [export(tensor, do_type_check=True) for tensor in graph.outputs]
+                docs.append(graph.doc_string)
+                part = _write_graph(graph, writer)
+                del graph
             if done == 1:
-                copy_fields(fragment, header, skip=("graph",))
-                header.graph.name = graph.name
-                header.graph.input.extend(graph.input)
+                header.graph.input.extend(inputs)
             if done == total:
-                header.graph.output.extend(graph.output)
-            crossing = {out.name for out in graph.output}
-            part = layout_part(graph.node, graph.initializer, graph.value_info, crossing)
-            writer.add(part.nodes, part.initializers, part.value_info)
+                header.graph.output.extend(outputs)
             counts.update(node.op_type for node in part.nodes)
-            docs.append(graph.doc_string)
-            del fragment, graph, part
+            del fragment, part
+            gc.collect()  # onnx-graphsurgeon graphs are cycles (node <-> tensor): free them now
             if progress is not None:
                 progress(done, total, writer.bytes_written)
         files = writer.finish(header, merge_records(docs))

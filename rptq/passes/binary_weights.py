@@ -170,3 +170,97 @@ def binary_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
         },
         touched=tuple(item.weight.name for _, item in items),
     )
+
+
+# --- the TensorRT variant: one GEMM per plane ---------------------------------------------------
+# TensorRT fuses a weight DequantizeLinear into a GEMM only when it feeds the MatMul directly, so
+# a sum of dequantized planes would run as float weights. The variant multiplies every plane on
+# its own, x·DQ(b_i; α_i) (INT8 per output channel, or INT4 with block scales repeating α_i),
+# and sums the products; β needs x's channel sum (trt_linears). Exact in real arithmetic:
+# Σ_i x·(α_i∘b_i) = x·Σ_i α_i∘b_i.
+
+
+def graph_planes(
+    quant: WeightQuant, rows: NDArray[np.int64], cols: NDArray[np.int64]
+) -> tuple[NDArray[np.int8], NDArray[np.float32], NDArray[np.float32]]:
+    """Planes [n, in, out] (±1), α [out, n] and β [out] of a GPTQT weight in graph order."""
+    assert quant.binary is not None
+    bcq_index = binary_index(quant.codes, quant.bits).T[np.ix_(rows, cols)]
+    planes = planes_of(bcq_index, quant.bits)
+    return planes, quant.binary.alpha[cols], quant.binary.beta[cols]
+
+
+def plane_tensors(
+    planes: NDArray[np.int8],
+    alpha: NDArray[np.floating],
+    dtype: np.dtype,
+    block: int,
+    where: str,
+) -> list[tuple[NDArray[np.generic], NDArray[np.floating]]]:
+    """(codes [in, out], scale) of each plane as TensorRT takes it: symmetric, scale > 0.
+
+    Scales are α_i per output column (`block` 0: INT8, axis 1) or repeated over blocks of the
+    input dim (INT4, [in / block, out]). A column whose α_i is 0 (a plane the BCQ fit left
+    unused, or an fp16 underflow) gets codes 0 and scale 1: the same zero product, and no
+    zero scale, which TensorRT refuses.
+    """
+    out = []
+    for i in range(planes.shape[0]):
+        scale = np.asarray(alpha[:, i], np.float64).astype(dtype)
+        if not np.all(np.isfinite(scale)):
+            raise PlanError(f"plan weight {where}: plane {i} scales are not representable")
+        unused = ~(scale > 0)
+        codes = np.where(unused[None, :], 0, planes[i]).astype(np.int8)
+        scale = np.where(unused, np.ones((), dtype), scale).astype(dtype)
+        if block:
+            codes = codes.astype(ml_dtypes.int4)
+            scale = np.repeat(scale[None, :], codes.shape[0] // block, axis=0)
+        out.append((np.ascontiguousarray(codes), np.ascontiguousarray(scale)))
+    return out
+
+
+def add_plane_products(
+    graph: gs.Graph,
+    fqn: str,
+    matmul: gs.Node,
+    stored: list[tuple[NDArray[np.generic], NDArray[np.floating]]],
+    block: int,
+) -> gs.Tensor:
+    """Plane 0 becomes `matmul`'s weight; planes 1.. get MatMuls on the same input, summed.
+
+    Returns the sum's tensor (`matmul`'s output for one plane); the caller wires it onward.
+    """
+    n = names.binary_weight(fqn, len(stored))
+    x = matmul.inputs[0]
+    total: gs.Tensor = matmul.outputs[0]
+    attrs = {"axis": 0, "block_size": block} if block else {"axis": PLANE_AXIS}
+    for i, (codes, scale) in enumerate(stored):
+        dtype = scale.dtype
+        dequantized = gs.Variable(n[f"plane{i}_dequantized"], dtype=dtype, shape=list(codes.shape))
+        zero = np.zeros(scale.shape, codes.dtype)
+        graph.nodes.append(
+            gs.Node(
+                "DequantizeLinear",
+                name=n[f"plane{i}_node"],
+                attrs=attrs,
+                inputs=[
+                    packed_constant(n[f"plane{i}"], codes),
+                    gs.Constant(n[f"plane{i}_scale"], scale),
+                    packed_constant(n[f"plane{i}_zero_point"], zero),
+                ],
+                outputs=[dequantized],
+            )
+        )
+        if i == 0:
+            matmul.inputs[1] = dequantized
+            continue
+        product = gs.Variable(n[f"plane{i}_product"], dtype=dtype)
+        summed = gs.Variable(n[f"sum{i}"], dtype=dtype)
+        graph.nodes += [
+            gs.Node(
+                "MatMul", name=n[f"plane{i}_matmul"], inputs=[x, dequantized], outputs=[product]
+            ),
+            gs.Node("Add", name=n[f"sum{i}_node"], inputs=[total, product], outputs=[summed]),
+        ]
+        total = summed
+    return total

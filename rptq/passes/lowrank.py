@@ -35,21 +35,29 @@ def _factor(
     order: NDArray[np.int64],
     transpose: bool,
     dtype: np.dtype,
+    row_factor: NDArray[np.float64] | None = None,
 ) -> tuple[gs.Tensor, int]:
     """The factor's tensor in graph layout (a Constant, or a DequantizeLinear output) and bytes.
 
     Rows of the stored factor are channels; `order` picks them in the graph's channel order.
-    `transpose` gives Ûᵀ [R, out], whose per-channel scales then lie on axis 1.
+    `transpose` gives Ûᵀ [R, out], whose per-channel scales then lie on axis 1. `row_factor`
+    (graph order) multiplies each channel: the float values, or the int8 rows' scales.
     """
     axis = 1 if transpose else 0
     values = factor.values[order]
-    values = values.T if transpose else values
     if factor.scale is None or factor.zero is None:
+        if row_factor is not None:
+            values = np.asarray(values, np.float64) * row_factor[:, None]
+        values = values.T if transpose else values
         array = np.ascontiguousarray(values, dtype=dtype)
         return gs.Constant(n[which], array), array.nbytes
+    values = values.T if transpose else values
     container = _CONTAINERS[max(8, container_bits(factor.zero, factor.bits))]
     codes = np.ascontiguousarray(values).astype(container)
-    scale = np.ascontiguousarray(factor.scale[order], dtype=dtype)
+    scale = np.asarray(factor.scale[order], np.float64)
+    if row_factor is not None:
+        scale = scale * row_factor
+    scale = np.ascontiguousarray(scale, dtype=dtype)
     zero = np.ascontiguousarray(factor.zero[order]).astype(container)
     output = gs.Variable(n[f"{which}_dequantized"], dtype=dtype, shape=list(codes.shape))
     graph.nodes.append(
@@ -86,6 +94,37 @@ def _check(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> tuple[gs.N
     return matmul, add
 
 
+def add_branch(
+    graph: gs.Graph,
+    quant: WeightQuant,
+    x: gs.Tensor,
+    main: gs.Tensor,
+    rows: NDArray[np.int64],
+    cols: NDArray[np.int64],
+    dtype: np.dtype,
+    column_factor: NDArray[np.float64] | None = None,
+) -> tuple[gs.Variable, int]:
+    """Add `main + (x V̂) Ûᵀ` to the graph; returns the sum's tensor and the factors' bytes.
+
+    `rows`/`cols` are the graph's input/output channel orders; `column_factor` (graph output
+    order) scales Ûᵀ's columns, for a linear whose output the TensorRT variant folds (1/s_out,
+    head_dim^-½). `dtype` is the graph's float type.
+    """
+    assert quant.lorc is not None
+    n = names.lorc(quant.fqn)
+    v_tensor, v_bytes = _factor(graph, n, "v", quant.lorc.v, rows, False, dtype)
+    u_tensor, u_bytes = _factor(graph, n, "u", quant.lorc.u, cols, True, dtype, column_factor)
+    down = gs.Variable(n["v_output"], dtype=dtype)
+    up = gs.Variable(n["u_output"], dtype=dtype)
+    total = gs.Variable(n["output"], dtype=dtype)
+    graph.nodes += [
+        gs.Node("MatMul", name=n["v_matmul"], inputs=[x, v_tensor], outputs=[down]),
+        gs.Node("MatMul", name=n["u_matmul"], inputs=[down, u_tensor], outputs=[up]),
+        gs.Node("Add", name=n["add_node"], inputs=[main, up], outputs=[total]),
+    ]
+    return total, v_bytes + u_bytes
+
+
 def lowrank_branches(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Add the LoRC branch of every weight the plan compensates (see the module docstring).
 
@@ -100,24 +139,13 @@ def lowrank_branches(graph: gs.Graph, ctx: PassContext) -> PassResult:
     items = [(quant, *_check(index, plan, quant)) for quant in compensated]
     added_bytes = 0
     for quant, matmul, add in items:
-        assert quant.lorc is not None
         layer, linear = linear_of(plan, quant.fqn)
         out_ch, in_ch = quant.codes.shape
         rows, cols = graph_order(plan, layer, linear, in_ch, out_ch)
         dtype = np.dtype(add.inputs[1].dtype)
-        n = names.lorc(quant.fqn)
-        v_tensor, v_bytes = _factor(graph, n, "v", quant.lorc.v, rows, False, dtype)
-        u_tensor, u_bytes = _factor(graph, n, "u", quant.lorc.u, cols, True, dtype)
-        added_bytes += v_bytes + u_bytes
-        down = gs.Variable(n["v_output"], dtype=dtype)
-        up = gs.Variable(n["u_output"], dtype=dtype)
-        total = gs.Variable(n["output"], dtype=dtype)
-        x = matmul.inputs[0]
-        graph.nodes += [
-            gs.Node("MatMul", name=n["v_matmul"], inputs=[x, v_tensor], outputs=[down]),
-            gs.Node("MatMul", name=n["u_matmul"], inputs=[down, u_tensor], outputs=[up]),
-            gs.Node("Add", name=n["add_node"], inputs=[matmul.outputs[0], up], outputs=[total]),
-        ]
+        x, main = matmul.inputs[0], matmul.outputs[0]
+        total, nbytes = add_branch(graph, quant, x, main, rows, cols, dtype)
+        added_bytes += nbytes
         add.inputs[0] = total
     return PassResult(
         lowrank_branches.__name__,

@@ -20,6 +20,7 @@ from rptq.passes.fold_reorder import fold_reorder
 from rptq.passes.insert_qdq import insert_act_qdq
 from rptq.passes.lowrank import lowrank_branches
 from rptq.passes.quantize_weights import quantize_weights, wrap_packed_constants
+from rptq.passes.trt_acts import check_ort_plan, check_trt_plan
 from rptq.passes.trt_fold import trt_fold
 from rptq.passes.trt_qdq import trt_insert_qdq
 
@@ -105,19 +106,28 @@ def run_passes(
     Every pass checks its own preconditions before editing; the runner cleans up and sorts the
     graph after each one, as onnx-graphsurgeon transforms expect.
     """
+    graph, results = transform_graph(model, ctx, stop_after)
+    return export_graph(graph, model), results
+
+
+def transform_graph(
+    model: onnx.ModelProto, ctx: PassContext, stop_after: str | None = None
+) -> tuple[gs.Graph, list[PassResult]]:
+    """`run_passes` without the final export: the transformed onnx-graphsurgeon graph.
+
+    The streamed export writes this graph's tensors one at a time instead of building a
+    ModelProto (which would copy every weight twice more).
+    """
     names = pass_names(ctx.target)
     if stop_after is not None and stop_after not in names:
         raise ConfigError(
             f"unknown pass {stop_after!r} for --stop-after; choose one of {', '.join(names)}"
         )
-    if ctx.target == "trt" and any(
-        w.binary is not None or w.lorc is not None or w.group_index is not None
-        for w in ctx.plan.weights
-    ):
-        raise ConfigError(
-            "GPTQT binary weights, LoRC branches and weight groups are not implemented for the "
-            "TensorRT target yet; export this plan for ONNX Runtime"
-        )
+    # a plan's weights are calibrated for one target (Recipe.target); refuse the other
+    if ctx.target == "trt":
+        check_trt_plan(ctx.plan)
+    else:
+        check_ort_plan(ctx.plan)
     _check_model(model, ctx)
     graph = gs.import_onnx(model)
     results: list[PassResult] = []
@@ -130,4 +140,4 @@ def run_passes(
         results.append(result)
         if step.__name__ == stop_after:
             break
-    return export_graph(graph, model), results
+    return graph, results

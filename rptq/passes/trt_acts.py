@@ -145,23 +145,43 @@ def record_trt_folded(graph: gs.Graph, acts: dict[str, str]) -> None:
 
 
 def check_trt_plan(plan: QuantPlan) -> None:
-    """Refuse plan features the TensorRT variant cannot express yet (before any graph edit)."""
-    if plan.recipe.weight_method is WeightMethod.GPTQT or any(
-        w.binary is not None for w in plan.weights
-    ):
-        raise ConfigError(
-            "the TensorRT variant does not support GPTQT binary weights yet; calibrate with "
-            "--weight-method rtn or gptq, or export with --target ort"
+    """Refuse a plan whose weights the TensorRT variant cannot export as calibrated.
+
+    Weights calibrated for ONNX Runtime (recipe target "ort") stand for W, not for the folded
+    W·diag(s) the variant multiplies by: plain RTN codes are re-quantized by RTN (what RTN
+    would compute anyway), but GPTQ/GPTQT codes, LoRC factors and weight groups would lose
+    what calibration optimized, so they need a plan calibrated with --target tensorrt.
+    """
+    if plan.recipe.target == "trt" or not plan.weights:
+        return
+    method = plan.recipe.weight_method
+    extras = [
+        what
+        for what, present in (
+            ("GPTQT binary planes", any(w.binary is not None for w in plan.weights)),
+            ("LoRC branches", any(w.lorc is not None for w in plan.weights)),
+            ("weight groups", any(w.group_index is not None for w in plan.weights)),
         )
-    if any(getattr(w, "group_index", None) is not None for w in plan.weights):
+        if present
+    ]
+    if method is not WeightMethod.RTN or extras:
+        what = ", ".join([f"{method} weights", *extras])
         raise ConfigError(
-            "the TensorRT variant does not support grouped weights (--weight-group-size) yet; "
-            "calibrate per output row, or export with --target ort"
+            f"plan was calibrated for ONNX Runtime ({what}), which the TensorRT variant "
+            "would re-quantize; recalibrate with --target tensorrt, or export with --target ort"
         )
-    if any(w.lorc is not None for w in plan.weights):
+
+
+def check_ort_plan(plan: QuantPlan) -> None:
+    """Refuse a plan calibrated for TensorRT on the default (ONNX Runtime) target.
+
+    Its codes stand for the folded weights W·diag(s) of the TensorRT variant, symmetric per
+    channel; the default export folds only permutations and would misread them.
+    """
+    if plan.recipe.target == "trt":
         raise ConfigError(
-            "the TensorRT variant does not support LoRC branches yet; calibrate with "
-            "--lorc-rank 0, or export with --target ort"
+            "plan was calibrated for --target tensorrt (weights folded with activation scales); "
+            "export it with --target tensorrt, or recalibrate with --target ort"
         )
 
 

@@ -5,10 +5,14 @@ A linear reading a quantized activation gets X̂ = s∘(C − z) folded into its
 its columns and +z in its bias (rptq.quant.trt_weights.fold_bias). Weights are then stored as
 TensorRT takes them: integer codes and one scale per output channel, zero point 0, feeding the
 MatMul directly (DequantizeLinear(axis=1) into MatMul is the pattern TensorRT fuses into an
-INT8 GEMM). The codes come from rptq.quant.trt_weights.trt_weight, which the PyTorch reference
-calls too. With an INT4 block size, codes of <= 4 bits are stored as INT4 with the per-channel
-scale repeated over blocks of the input dim, and a plan weight kept with its zero points gets
-`y -= ReduceSum(x) ⊗ (s_w∘z_w)` after the MatMul (names.weight_zero_correction).
+INT8 GEMM). A plan calibrated with `--target tensorrt` already holds the codes of the folded
+weight (GPTQ/RTN symmetric codes, GPTQT planes, LoRC factors of the folded error) and is used
+verbatim: GPTQT as one GEMM per plane plus ReduceSum(x)·β, LoRC as a parallel branch on the
+same input, both inside the bias fold. An ONNX Runtime RTN plan is re-quantized by
+rptq.quant.trt_weights.trt_weight, which the PyTorch reference calls too. With an INT4 block
+size, codes of <= 4 bits are stored as INT4 with the per-channel scale repeated over blocks of
+the input dim, and a plan weight kept with its zero points gets `y -= ReduceSum(x) ⊗ (s_w∘z_w)`
+after the MatMul (names.weight_zero_correction).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import ConfigError, GraphPatternError, PlanError
+from rptq.passes.binary_weights import PLANE_AXIS, add_plane_products, graph_planes, plane_tensors
 from rptq.passes.context import GraphIndex, linear_perms
+from rptq.passes.lowrank import add_branch
 from rptq.passes.quantize_weights import check_relative_error, packed_constant, packed_nbytes
 from rptq.passes.trt_acts import (
     LINEAR_INPUT_ACT,
@@ -35,8 +41,7 @@ from rptq.passes.trt_acts import (
 )
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.points import Act
-from rptq.quant.fold import permute_weight_codes
-from rptq.quant.qparams import dequantize
+from rptq.quant.bcq import binary_weight
 from rptq.quant.trt_weights import (
     INT4_MAX,
     INT4_MIN,
@@ -155,53 +160,164 @@ def plan_linear(fold: LayerFold, linear: str) -> tuple[Edit, int] | None:
             found.bias.values = new_b
 
         return edit_float, new_w.nbytes
-    sym, plan_codes, plan_zero = _weight(fold, linear, quant, found.weight, in_scale)
+    rows, cols = linear_perms(fold.plan, fold.layer, linear)
+    order = _order(rows, in_ch), _order(cols, out_ch)
+    # the plan's weight must stand for the graph's: catches a wrong permutation
+    check_relative_error(found.weight, quant.values().T[np.ix_(*order)])
+    if quant.binary is not None:
+        return _binary_edit(fold, found, quant, order, in_vec, factor, offset, dtype)
+    sym, plan_codes, plan_zero = _weight(fold, quant, found.weight, in_scale, order)
     dq_scale = sym.scale.astype(np.float64) * (1.0 if factor is None else factor)
     dq_scale = as_dtype(dq_scale, dtype, module)
     if np.any(dq_scale <= 0):
         raise PlanError(f"plan weight {module}: a folded scale underflows in {dtype}")
-    new_b = as_dtype(
-        fold_bias(found.bias.values, sym.folded_values().T, in_zero, factor, offset),
-        dtype,
-        module,
-    )
+    matrix = sym.folded_values().T.astype(np.float64) + _lorc_matrix(quant, order)
+    new_b = as_dtype(fold_bias(found.bias.values, matrix, in_zero, factor, offset), dtype, module)
     prepared = _Quantized(sym, plan_codes, plan_zero, dq_scale, factor, new_b)
     if fold.int4_block:
-        return _int4_edit(fold.graph, found, prepared, fold.int4_block)
-    codes = np.ascontiguousarray(sym.codes.T)
-    zero = np.zeros(out_ch, np.int8)
+        edit, size = _int4_edit(fold.graph, found, prepared, fold.int4_block)
+    else:
+        codes = np.ascontiguousarray(sym.codes.T)
+        zero = np.zeros(out_ch, np.int8)
 
-    def edit_int8() -> None:
-        attrs = {"axis": WEIGHT_AXIS}
-        _dequantize(fold.graph, found, codes, prepared.dq_scale, zero, attrs)
-        found.bias.values = prepared.bias
+        def edit() -> None:
+            attrs = {"axis": WEIGHT_AXIS}
+            _dequantize(fold.graph, found, codes, prepared.dq_scale, zero, attrs)
+            found.bias.values = prepared.bias
 
-    return edit_int8, codes.nbytes + dq_scale.nbytes + zero.nbytes
+        size = codes.nbytes + dq_scale.nbytes + zero.nbytes
+    return _with_branch(fold.graph, found, quant, order, factor, dtype, edit, size)
+
+
+def _order(perm: NDArray[np.int64] | None, size: int) -> NDArray[np.int64]:
+    return np.arange(size, dtype=np.int64) if perm is None else perm.astype(np.int64)
+
+
+def _lorc_matrix(quant: WeightQuant, order: tuple[NDArray, NDArray]) -> NDArray[np.float64]:
+    """V̂Ûᵀ [in, out] in graph order (0 without LoRC): the branch's share of the bias fold."""
+    if quant.lorc is None:
+        return np.zeros((), np.float64)
+    v = quant.lorc.v.dequantized()[order[0]].astype(np.float64)
+    u = quant.lorc.u.dequantized()[order[1]].astype(np.float64)
+    return v @ u.T
+
+
+def _with_branch(
+    graph: gs.Graph,
+    linear: _Linear,
+    quant: WeightQuant,
+    order: tuple[NDArray[np.int64], NDArray[np.int64]],
+    factor: NDArray[np.float64] | None,
+    dtype: np.dtype,
+    edit: Edit,
+    size: int,
+) -> tuple[Edit, int]:
+    """The weight edit, then (LoRC) `+ (x V̂) Ûᵀ∘c` on the same input, before the bias Add.
+
+    x is read when the edit runs, so the branch takes what the main MatMul takes: U here, the
+    INT8 Q/DQ output once trt_insert_qdq rewires U's consumers.
+    """
+    if quant.lorc is None:
+        return edit, size
+    nbytes = quant.lorc.u.values.nbytes + quant.lorc.v.values.nbytes
+
+    def edit_with_branch() -> None:
+        edit()
+        x, main = linear.matmul.inputs[0], linear.add.inputs[0]
+        total, _ = add_branch(graph, quant, x, main, *order, dtype, factor)
+        linear.add.inputs[0] = total
+
+    return edit_with_branch, size + nbytes
+
+
+def _binary_edit(
+    fold: LayerFold,
+    linear: _Linear,
+    quant: WeightQuant,
+    order: tuple[NDArray[np.int64], NDArray[np.int64]],
+    in_vec: ActVectors | None,
+    factor: NDArray[np.float64] | None,
+    offset: NDArray[np.int64] | None,
+    dtype: np.dtype,
+) -> tuple[Edit, int]:
+    """GPTQT planes as one INT8 (or INT4-blocked) GEMM per plane, summed, plus ReduceSum(x)·β.
+
+    TensorRT fuses a weight DequantizeLinear only when it feeds a MatMul directly, so the
+    planes are multiplied separately (binary_weights.add_plane_products) instead of summed as
+    weights; β∘c (a per-output constant of the row) is x's channel sum times β.
+    """
+    _check_folded(fold, quant, order[0], in_vec)
+    planes, alpha, beta = graph_planes(quant, *order)
+    matrix = binary_weight(planes, alpha, beta, axis=PLANE_AXIS).astype(np.float64)
+    matrix = matrix + _lorc_matrix(quant, order)
+    in_zero = None if in_vec is None else in_vec.zero
+    new_b = as_dtype(
+        fold_bias(linear.bias.values, matrix, in_zero, factor, offset), dtype, linear.module
+    )
+    column = np.ones(alpha.shape[0]) if factor is None else factor
+    scaled_alpha = alpha.astype(np.float64) * column[:, None]
+    row = as_dtype(-beta.astype(np.float64) * column, dtype, linear.module)
+    block = fold.int4_block
+    if block and planes.shape[1] % block:
+        raise ConfigError(
+            f"{linear.module} has {planes.shape[1]} input channels, not a multiple of "
+            f"--int4-block {block}; use the other block size or INT8 weights"
+        )
+    stored = plane_tensors(planes, scaled_alpha, dtype, block, linear.module)
+
+    def edit() -> None:
+        total = add_plane_products(fold.graph, quant.fqn, linear.matmul, stored, block)
+        linear.add.inputs[0] = total
+        linear.bias.values = new_b
+        if np.any(row != 0):
+            _subtract_zero_points(fold.graph, linear, row)
+
+    size = sum(
+        packed_nbytes(c.dtype, c.size) + packed_nbytes(c.dtype, s.size) + s.nbytes
+        for c, s in stored
+    )
+    return _with_branch(fold.graph, linear, quant, order, factor, dtype, edit, size + row.nbytes)
+
+
+def _check_folded(
+    fold: LayerFold, quant: WeightQuant, rows: NDArray[np.int64], in_vec: ActVectors | None
+) -> None:
+    """A GPTQT/LoRC/GPTQ weight is kept as calibrated: its folded input scale (graph order)
+    must be the graph's activation scale, and exist exactly where one folds in."""
+    folded = None if quant.folded_scale is None else quant.folded_scale[rows]
+    expected = None if in_vec is None else in_vec.scale
+    if (folded is None) != (expected is None) or (
+        folded is not None and not np.array_equal(folded, expected)
+    ):
+        raise PlanError(
+            f"plan weight {quant.fqn} was calibrated with other activation scales than this "
+            "plan's; recalibrate with --target tensorrt"
+        )
 
 
 def _weight(
     fold: LayerFold,
-    linear: str,
     quant: WeightQuant,
     weight: gs.Constant,
     in_scale: NDArray[np.float32] | None,
+    order: tuple[NDArray[np.int64], NDArray[np.int64]],
 ) -> tuple[SymmetricWeight, NDArray[np.int64], NDArray[np.int64]]:
-    """The variant's weight in graph order, plus the plan's codes/zeros in graph order."""
-    codes, scale, zero = permute_weight_codes(
-        quant.codes,
-        quant.scale,
-        quant.zero,
-        *linear_perms(fold.plan, fold.layer, linear),
-    )
-    if tuple(codes.shape) != tuple(weight.shape):
-        raise GraphPatternError(
-            f"initializer {weight.name} has shape {list(weight.shape)}, but the plan's codes "
-            f"are {list(codes.shape)} (in, out)"
-        )
-    # the plan's codes must stand for the graph's weight: catches a wrong permutation
-    check_relative_error(weight, dequantize(codes, scale[None, :], zero[None, :]))
+    """The variant's weight in graph order, plus the plan's codes/zeros in graph order.
+
+    Only an RTN plan calibrated for ONNX Runtime may be re-quantized here (trt_acts.
+    check_trt_plan refuses the others); every other plan's codes are used as calibrated.
+    """
+    codes = np.ascontiguousarray(quant.codes.T[np.ix_(*order)])
+    scale, zero = quant.scale[order[1]], quant.zero[order[1]]
+    folded = None if quant.folded_scale is None else quant.folded_scale[order[0]]
     w32 = np.asarray(weight.values, np.float32)
-    sym = trt_weight(w32.T, codes.T, scale, zero, quant.bits, in_scale)
+    may_requantize = fold.plan.recipe.target == "ort" and quant.lorc is None
+    try:
+        sym = trt_weight(w32.T, codes.T, scale, zero, quant.bits, in_scale, folded, may_requantize)
+    except ValueError as exc:
+        raise PlanError(
+            f"plan weight {quant.fqn}: {exc}; recalibrate with --target tensorrt"
+        ) from None
     return sym, codes.astype(np.int64), zero.astype(np.int64)
 
 
@@ -271,7 +387,7 @@ def _int4_edit(
 def _subtract_zero_points(graph: gs.Graph, linear: _Linear, row: NDArray[np.floating]) -> None:
     """y = x·DQ(C) − ReduceSum(x) ⊗ (s_w∘z_w): the zero points of a symmetric-stored weight."""
     n = names.weight_zero_correction(linear.module)
-    x, y = linear.matmul.inputs[0], linear.matmul.outputs[0]
+    x, y = linear.matmul.inputs[0], linear.add.inputs[0]
     dtype = row.dtype
     reduced = gs.Variable(n["reduced"], dtype=dtype)
     product = gs.Variable(n["product"], dtype=dtype)

@@ -41,8 +41,9 @@ class SymmetricWeight:
 
     `in_scale` is the activation scale folded into the input channels (the graph's weight is
     codes·scale; the model's weight is that divided by in_scale), None when nothing folds in.
-    `requantized` says whether the codes were computed here (symmetric, from the float weight)
-    or are the plan's own codes shifted by their zero points.
+    `requantized` says whether the codes are symmetric codes of the (folded) weight, computed
+    here or calibrated so by a `--target tensorrt` plan, rather than the plan's asymmetric
+    codes shifted by their zero points.
     """
 
     codes: NDArray[np.int8]  # [out, in]
@@ -68,6 +69,43 @@ def _check_rows(weight: NDArray[np.generic], what: str) -> None:
         raise ValueError(f"{what} must be 2-D [out, in], got shape {weight.shape}")
 
 
+def fold_input_scale(
+    weight: NDArray[np.floating], in_scale: NDArray[np.floating] | None
+) -> NDArray[np.float32]:
+    """W·diag(in_scale) [out, in] in float32 (one rounding): the weight the variant's graph
+    multiplies the activation codes by. Calibration for the TensorRT target quantizes exactly
+    this array, so the plan's codes are the ones the export would compute."""
+    _check_rows(weight, "weight")
+    folded = np.asarray(weight, dtype=np.float32)
+    if in_scale is None:
+        return folded
+    in_scale = np.asarray(in_scale, dtype=np.float32)
+    if in_scale.shape != (folded.shape[1],):
+        raise ValueError(
+            f"in_scale has shape {in_scale.shape}, expected ({folded.shape[1]},) input channels"
+        )
+    return (folded * in_scale[None, :]).astype(np.float32)
+
+
+def symmetric_scale(folded: NDArray[np.floating], bits: int) -> NDArray[np.float32]:
+    """Per-row scale max|row| / qmax of the symmetric `bits` grid (1 for an all-zero row)."""
+    _check_rows(folded, "weight")
+    qmax = symmetric_max(bits)
+    amax = np.abs(np.asarray(folded, np.float32)).max(axis=1, initial=0.0).astype(np.float32)
+    scale = (amax / np.float32(qmax)).astype(np.float32)
+    scale[~(scale > 0)] = np.float32(1.0)  # an all-zero row: codes 0, any positive scale
+    return scale
+
+
+def symmetric_codes(
+    folded: NDArray[np.floating], scale: NDArray[np.float32], bits: int
+) -> NDArray[np.int8]:
+    """Round-to-nearest codes of `folded` [out, in] on the symmetric grid with per-row scale."""
+    qmax = symmetric_max(bits)
+    values = np.asarray(folded, np.float32) / np.asarray(scale, np.float32)[:, None]
+    return np.clip(np.round(values), -qmax, qmax).astype(np.int8)
+
+
 def requantize_folded(
     weight: NDArray[np.floating], in_scale: NDArray[np.floating] | None, bits: int
 ) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
@@ -76,21 +114,9 @@ def requantize_folded(
     The product is taken in float32 (one rounding), as both the graph pass and the reference
     do, so the same weight and scale give the same codes in any channel order.
     """
-    _check_rows(weight, "weight")
-    folded = np.asarray(weight, dtype=np.float32)
-    if in_scale is not None:
-        in_scale = np.asarray(in_scale, dtype=np.float32)
-        if in_scale.shape != (folded.shape[1],):
-            raise ValueError(
-                f"in_scale has shape {in_scale.shape}, expected ({folded.shape[1]},) input channels"
-            )
-        folded = (folded * in_scale[None, :]).astype(np.float32)
-    qmax = symmetric_max(bits)
-    amax = np.abs(folded).max(axis=1, initial=0.0).astype(np.float32)
-    scale = (amax / np.float32(qmax)).astype(np.float32)
-    scale[~(scale > 0)] = np.float32(1.0)  # an all-zero row: codes 0, any positive scale
-    codes = np.clip(np.round(folded / scale[:, None]), -qmax, qmax)
-    return codes.astype(np.int8), scale
+    folded = fold_input_scale(weight, in_scale)
+    scale = symmetric_scale(folded, bits)
+    return symmetric_codes(folded, scale, bits), scale
 
 
 def shift_plan_codes(
@@ -117,23 +143,46 @@ def trt_weight(
     zero: NDArray[np.integer],
     bits: int,
     in_scale: NDArray[np.floating] | None,
+    folded_scale: NDArray[np.floating] | None = None,
+    may_requantize: bool = True,
 ) -> SymmetricWeight:
     """The TensorRT variant's weight for one linear (float weight and plan codes both [out, in]).
 
-    With an activation scale folded into the input channels the plan's codes no longer apply
-    and W·diag(in_scale) is re-quantized symmetrically; without one the plan's codes are kept
-    (shifted by their zero points), unless a shifted code leaves INT8, in which case W itself
-    is re-quantized symmetrically.
+    A plan calibrated for TensorRT (`folded_scale`, the input scale its symmetric codes were
+    computed with) is used verbatim; its scale must be the activation scale the graph folds
+    (`in_scale`, same channel order). Otherwise, with an activation scale folded into the
+    input channels the plan's codes no longer apply and W·diag(in_scale) is re-quantized
+    symmetrically (round to nearest); without one the plan's codes are kept (shifted by their
+    zero points), unless a shifted code leaves INT8, in which case W itself is re-quantized
+    symmetrically, or, with `may_requantize` False (a plan whose codes must be kept: GPTQ,
+    LoRC, TensorRT-calibrated), a ValueError is raised.
     """
     _check_rows(weight, "weight")
     if codes.shape != weight.shape:
         raise ValueError(f"codes shape {codes.shape} != weight shape {weight.shape}")
+    if folded_scale is not None:
+        if in_scale is None or not np.array_equal(
+            np.asarray(folded_scale, np.float32), np.asarray(in_scale, np.float32)
+        ):
+            raise ValueError("the codes were calibrated with another input scale than the graph's")
+        if np.any(np.asarray(zero) != 0):
+            raise ValueError("codes calibrated for TensorRT must be symmetric (zero point 0)")
+        return SymmetricWeight(
+            np.asarray(codes, np.int8).copy(),
+            np.asarray(scale, np.float32).copy(),
+            np.asarray(folded_scale, np.float32).copy(),
+            True,
+        )
     if in_scale is None:
         shifted = shift_plan_codes(codes, zero)
         if shifted is not None:
             return SymmetricWeight(shifted, np.asarray(scale, np.float32).copy(), None, False)
+        if not may_requantize:
+            raise ValueError("the plan's codes leave INT8 after their zero-point shift")
         new_codes, new_scale = requantize_folded(weight, None, bits)
         return SymmetricWeight(new_codes, new_scale, None, True)
+    if not may_requantize:
+        raise ValueError("the plan's codes were not calibrated with the graph's input scale")
     new_codes, new_scale = requantize_folded(weight, in_scale, bits)
     return SymmetricWeight(new_codes, new_scale, np.asarray(in_scale, np.float32).copy(), True)
 

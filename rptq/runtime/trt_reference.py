@@ -2,11 +2,13 @@
 
 Activations are fake-quantized exactly as in the default reference (the variant only moves
 each cluster's scale and zero point out of the Q/DQ, which changes no value in real
-arithmetic). Weights differ: a linear whose input activation is quantized multiplies by the
-folded weight diag(s)·W re-quantized symmetrically per output channel, mapped back to the
-model's domain (codes·scale / s); the others keep the plan's own codes. Both come from
-rptq.quant.trt_weights.trt_weight, the function the export passes call, so the graph and this
-reference hold the same integer codes.
+arithmetic). Weights: a plan calibrated with `--target tensorrt` already holds the codes of
+the folded weight W·diag(s) (GPTQ/GPTQT/LoRC included), so its entries' values() are used
+verbatim, mapped back to the model's domain. For an RTN plan calibrated for ONNX Runtime, a
+linear whose input activation is quantized multiplies by diag(s)·W re-quantized
+symmetrically per output channel (codes·scale / s); the others keep the plan's own codes. Both
+come from rptq.quant.trt_weights, the functions the export passes and calibration call, so the
+graph and this reference hold the same integer codes.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rptq.errors import PlanError
 from rptq.model.fakequant import FakeQuantTap
 from rptq.model.forward import LayerWeights, Tap, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.weights import layer_prefix
 from rptq.passes.trt_acts import LINEAR_INPUT_ACT, check_trt_plan
-from rptq.plan import QuantPlan
+from rptq.plan import QuantPlan, WeightQuant
 from rptq.points import LINEARS, SITE_OF
 from rptq.quant.clusters import expand_to_channels
 from rptq.quant.trt_weights import trt_weight
@@ -39,6 +42,42 @@ def input_scale(plan: QuantPlan, layer: int, linear: str) -> np.ndarray | None:
     return expand_to_channels(quant.scale.astype(np.float32), site.perm, site.sizes)
 
 
+def variant_weight(
+    quant: WeightQuant, original: np.ndarray, in_scale: np.ndarray | None, target: str
+) -> np.ndarray:
+    """The model-domain weight [out, in] (float32) the variant's graph multiplies X̂ by.
+
+    Entries with a folded input scale, binary planes or LoRC factors are exported as
+    calibrated (their scale must be the one the graph folds); plain codes go through
+    trt_weight, which may re-quantize only an ONNX Runtime RTN plan.
+    """
+    if quant.folded_scale is not None or quant.binary is not None or quant.lorc is not None:
+        folded = quant.folded_scale
+        if (folded is None) != (in_scale is None) or (
+            folded is not None and not np.array_equal(folded, in_scale)
+        ):
+            raise PlanError(
+                f"plan weight {quant.fqn} was calibrated with other activation scales than this "
+                "plan's; recalibrate with --target tensorrt"
+            )
+        return quant.values()
+    try:
+        symmetric = trt_weight(
+            original,
+            quant.codes,
+            quant.scale,
+            quant.zero,
+            quant.bits,
+            in_scale,
+            may_requantize=target == "ort",
+        )
+    except ValueError as exc:
+        raise PlanError(
+            f"plan weight {quant.fqn}: {exc}; recalibrate with --target tensorrt"
+        ) from None
+    return symmetric.values()
+
+
 def trt_layer_weights(weights: LayerWeights, plan: QuantPlan, layer: int) -> LayerWeights:
     """One layer's weights as the TensorRT variant multiplies by them ([out, in], float32)."""
     out = dict(weights)
@@ -49,15 +88,13 @@ def trt_layer_weights(weights: LayerWeights, plan: QuantPlan, layer: int) -> Lay
             continue  # float weight: the folds change no value
         key = f"{linear}.weight"
         original = weights[key]
-        symmetric = trt_weight(
+        values = variant_weight(
+            quant,
             original.detach().to(torch.float32).cpu().numpy(),
-            quant.codes,
-            quant.scale,
-            quant.zero,
-            quant.bits,
             input_scale(plan, layer, linear),
+            plan.recipe.target,
         )
-        out[key] = torch.from_numpy(symmetric.values()).to(original.device, original.dtype)
+        out[key] = torch.from_numpy(values).to(original.device, original.dtype)
     return out
 
 

@@ -158,3 +158,18 @@ def test_readme_demo_command(capsys):
         assert abs(diff) < 0.5
         assert ref == pytest.approx(ort, rel=0.005)
         assert ref >= fp_ppl * 0.99  # quantization does not beat the FP model by luck
+
+
+def test_export_without_plan_writes_the_fp_graph(capsys, model_dir, data_dir, tmp_path):
+    out = tmp_path / "fp.onnx"
+    assert main(["export", str(model_dir), "-o", str(out), "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["bits"] == "FP"
+    assert summary["QuantizeLinear nodes"] == 0
+    base = quick_eval_flags(data_dir)
+    assert main(["eval", str(out), *base]) == 0
+    ort = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(model_dir), *base]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    rel = abs(ort["perplexity"]["wikitext2"] - ref["perplexity"]["wikitext2"])
+    assert rel / ref["perplexity"]["wikitext2"] < 1e-4

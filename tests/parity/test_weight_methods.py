@@ -201,8 +201,9 @@ def test_negative_control_perturbed_planes_fail_parity(tiny_loaded, calibrate_ti
     assert result.sqnr_db < LOGITS_MIN_SQNR_DB, result.describe()
 
 
-def test_tensorrt_target_refuses_binary_and_lorc_plans(tiny_loaded, calibrate_tiny):
+def test_tensorrt_target_refuses_binary_plans_calibrated_for_ort(tiny_loaded, calibrate_tiny):
+    """GPTQT planes of W would lose their optimisation in the variant's folded domain."""
     plan = calibrate_tiny(wbits=3, weight_method="gptqt")
     graph = build_fp_graph(tiny_loaded)
-    with pytest.raises(ConfigError, match="not implemented for the TensorRT target"):
+    with pytest.raises(ConfigError, match="recalibrate with --target tensorrt"):
         run_passes(graph, PassContext(plan=plan, target="trt"))

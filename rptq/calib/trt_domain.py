@@ -1,0 +1,73 @@
+"""The TensorRT target's weight domain: each linear as the TensorRT variant's graph holds it.
+
+The variant (docs/tensorrt-rules.md, "Implementation") feeds a linear whose input activation
+is quantized the integer codes C = X̂/c + z instead of X̂, and folds X̂ = c∘(C − z) into the
+weight: W' = W·diag(c), bias b − z·W'. The matrix it multiplies is therefore W', and the
+error that reaches the output is (C − z)(W' − Q(W'))ᵀ, whose inputs x' = x/c have the Hessian
+H' = diag(1/c) H diag(1/c) (computed from the same calibration inputs as H). Handing W' and H'
+to the weight methods makes GPTQ, GPTQT and LoRC optimize what is exported; the plan then
+stores codes of W' with c beside them (plan_weights, "Folded input scale").
+
+Linears whose input is not quantized (A16, KV-only recipes) keep the model's weight: the
+variant exports their asymmetric codes unchanged, so only the LoRC factors become symmetric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from rptq.calib.weight_methods import LINEAR_INPUT_ACT, AdjustFn, LinearProblem
+from rptq.plan import ActQuant, ReorderSite
+from rptq.points import SITE_OF
+from rptq.quant.clusters import expand_to_channels
+from rptq.quant.trt_weights import fold_input_scale
+
+
+def input_scales(acts: list[ActQuant], sites: list[ReorderSite]) -> dict[str, NDArray[np.float32]]:
+    """Linear -> per-channel scale (model channel order) of its quantized input activation.
+
+    The same float32 vector the export folds (trt_acts.act_vectors, in graph order) and the
+    TensorRT reference divides by (trt_reference.input_scale).
+    """
+    by_act = {quant.act: quant for quant in acts}
+    by_point = {site.point: site for site in sites}
+    scales = {}
+    for linear, act in LINEAR_INPUT_ACT.items():
+        quant = by_act.get(act)
+        if quant is None:
+            continue
+        site = by_point[SITE_OF[act]]
+        scales[linear] = expand_to_channels(quant.scale.astype(np.float32), site.perm, site.sizes)
+    return scales
+
+
+def fold_problem(problem: LinearProblem, scale: NDArray[np.float32] | None) -> LinearProblem:
+    """The problem in the variant's domain: W' = W·diag(c) (float32), H' = diag(1/c) H diag(1/c).
+
+    Without a scale (input not quantized) only `symmetric` is set.
+    """
+    if scale is None:
+        return replace(problem, symmetric=True)
+    weight = problem.weight.detach().to(torch.float32).cpu().numpy()
+    folded = torch.from_numpy(fold_input_scale(weight, scale)).to(problem.weight.device)
+    hessian = problem.hessian
+    if hessian is not None:
+        inverse = torch.from_numpy(1.0 / scale.astype(np.float64)).to(hessian.device)
+        hessian = (hessian.double() * inverse[:, None] * inverse[None, :]).to(hessian.dtype)
+    return replace(
+        problem, weight=folded, hessian=hessian, folded_scale=scale.copy(), symmetric=True
+    )
+
+
+def trt_adjust(acts: list[ActQuant], sites: list[ReorderSite]) -> AdjustFn:
+    """The `adjust` hook of quantize_layer for one layer of a `--target tensorrt` recipe."""
+    scales = input_scales(acts, sites)
+
+    def adjust(linear: str, problem: LinearProblem) -> LinearProblem:
+        return fold_problem(problem, scales.get(linear))
+
+    return adjust
