@@ -14,9 +14,9 @@ from typing import Literal
 
 import onnx
 import torch
-from tqdm.auto import tqdm
 
 from rptq.calib.runner import calibrate
+from rptq.log import Progress
 from rptq.model.load import LoadedModel
 from rptq.plan import QuantPlan, Recipe
 from rptq.runtime.perplexity import PerplexityResult, perplexity
@@ -29,11 +29,11 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 def calibrate_windows(
     model: LoadedModel, windows: torch.Tensor, recipe: Recipe, device: str = "cpu"
 ) -> QuantPlan:
-    """Calibrate with a progress bar over decoder layers."""
-    with tqdm(total=model.shape.num_layers, desc="calibrate", unit="layer", disable=None) as bar:
+    """Calibrate with progress over decoder layers (a bar on a terminal, else log lines)."""
+    with Progress(model.shape.num_layers, "calibrate", "layers") as bar:
 
         def advance(done: int, total: int) -> None:
-            bar.update(done - bar.n)
+            bar.update(done)
 
         return calibrate(model, windows, recipe, device=device, progress=advance)
 
@@ -105,11 +105,10 @@ def export_onnx(
     from rptq.exporter.stream import export_streamed
 
     total = model.shape.num_layers + 2
-    with tqdm(total=total, desc="export", unit="part", disable=None) as bar:
+    with Progress(total, "export", "parts (embeddings, layers, head)") as bar:
 
         def advance(done: int, parts: int, data_bytes: int) -> None:
-            bar.set_postfix_str(f"{data_bytes / 2**20:,.0f} MiB written", refresh=False)
-            bar.update(done - bar.n)
+            bar.update(done, f"{data_bytes / 2**20:,.0f} MiB written")
 
         result = export_streamed(
             model,
