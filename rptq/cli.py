@@ -111,7 +111,12 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
         help="tokens per window (default: the model's context length)",
     )
     group.add_argument("--seed", type=int, default=2, help="calibration sampling seed")
-    group.add_argument("--device", default="cpu", help="torch device for calibration")
+    group.add_argument(
+        "--device",
+        default="cpu",
+        help="calibration device: cpu, cuda, cuda:N, or several sharing the windows "
+        "(cuda:0,cuda:1 or cuda:all, every visible GPU)",
+    )
     _data_args(parser)
 
 

@@ -62,11 +62,13 @@ def _data_dir_for(dataset: str, arg: str | None) -> Path | None:
 
 def _calibrate(args: argparse.Namespace, total_stages: int) -> tuple[Any, QuantPlan, float]:
     from rptq.calib.runner import check_recipe_fits
+    from rptq.calib.shards import parse_devices
     from rptq.data import calibration_windows, load_tokenizer
     from rptq.model.load import load_model
     from rptq.workflow import calibrate_windows
 
     _recipe(args)  # option errors before the model is even opened
+    devices = parse_devices(args.device)
     with stage(1, total_stages, f"loading {args.model}"):
         model = load_model(args.model)
         recipe = _recipe(args, model.shape.max_positions)
@@ -83,7 +85,7 @@ def _calibrate(args: argparse.Namespace, total_stages: int) -> tuple[Any, QuantP
         )
     started = time.perf_counter()
     with stage(3, total_stages, f"calibrating {recipe.label()}, {model.shape.num_layers} layers"):
-        plan = calibrate_windows(model, windows, recipe, device=args.device)
+        plan = calibrate_windows(model, windows, recipe, device=devices)
     return model, plan, time.perf_counter() - started
 
 

@@ -27,7 +27,10 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def calibrate_windows(
-    model: LoadedModel, windows: torch.Tensor, recipe: Recipe, device: str = "cpu"
+    model: LoadedModel,
+    windows: torch.Tensor,
+    recipe: Recipe,
+    device: str | Sequence[str | torch.device] = "cpu",
 ) -> QuantPlan:
     """Calibrate with progress over decoder layers (a bar on a terminal, else log lines)."""
     with Progress(model.shape.num_layers, "calibrate", "layers") as bar:

@@ -53,6 +53,22 @@ class HessianTap:
             self.tokens[act] = seen + new
         return x
 
+    def merge(self, other: HessianTap) -> None:
+        """Fold in another tap's running means (other rows, any device), weighted by tokens.
+
+        The same H as one tap over all the rows up to float rounding: the sums are grouped by
+        tap rather than row by row, so the last bits may differ. Takes over `other`'s tensors.
+        """
+        for act, hessian in other.hessians.items():
+            seen, new = self.tokens.get(act, 0), other.tokens[act]
+            if act in self.hessians:
+                mine = self.hessians[act]
+                mine.mul_(seen / (seen + new))
+                mine.add_(hessian.to(mine.device), alpha=new / (seen + new))
+            else:
+                self.hessians[act] = hessian
+            self.tokens[act] = seen + new
+
     def hessian(self, act: Act) -> torch.Tensor:
         """H of `act`'s channels [C, C] (KeyError if the act was never seen)."""
         return self.hessians[act]

@@ -40,6 +40,16 @@ class ChannelRangeObserver:
                 self.min[act], self.max[act] = lo, hi
         return x
 
+    def merge(self, other: ChannelRangeObserver) -> None:
+        """Fold in the extremes another observer saw (other windows, any device): exact."""
+        for act, lo in other.min.items():
+            if act in self.min:
+                device = self.min[act].device
+                torch.minimum(self.min[act], lo.to(device), out=self.min[act])
+                torch.maximum(self.max[act], other.max[act].to(device), out=self.max[act])
+            else:
+                self.min[act], self.max[act] = lo, other.max[act]
+
 
 class ClusterRangeObserver:
     """Per-cluster activation ranges accumulated across calibration rows.
@@ -56,9 +66,18 @@ class ClusterRangeObserver:
         self.max: dict[Act, torch.Tensor] = {}
 
     def __call__(self, act: Act, x: torch.Tensor) -> torch.Tensor:
+        extremes = self.cluster_extremes(act, x)
+        if extremes is not None:
+            self.update(act, *extremes)
+        return x
+
+    def cluster_extremes(
+        self, act: Act, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One row's per-cluster (min, max) on x's device; None for an act without clusters."""
         labels = self.labels.get(act)
         if labels is None:
-            return x
+            return None
         lo, hi = _channel_extremes(x)
         n = int(labels.max()) + 1
         labels = labels.to(lo.device)
@@ -68,6 +87,10 @@ class ClusterRangeObserver:
         cmax = torch.full((n,), float("-inf"), device=hi.device).scatter_reduce(
             0, labels, hi, reduce="amax"
         )
+        return cmin, cmax
+
+    def update(self, act: Act, cmin: torch.Tensor, cmax: torch.Tensor) -> None:
+        """Combine one row's cluster extremes with the rows before it (order matters for EMA)."""
         if act not in self.min:
             self.min[act], self.max[act] = cmin, cmax
         elif self.metric is ActMetric.EMA_MINMAX:
@@ -76,4 +99,3 @@ class ClusterRangeObserver:
         else:
             self.min[act] = torch.minimum(self.min[act], cmin)
             self.max[act] = torch.maximum(self.max[act], cmax)
-        return x

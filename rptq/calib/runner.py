@@ -13,13 +13,20 @@ entering it; each row is pushed through the layer on its own. Per layer (RPTQ se
 
 So activation ranges of layer i are measured inside the float layer i, on the quantized outputs
 of layers 0..i-1, as in RPTQ.
+
+`device` may list several devices (`cuda:0,cuda:1`, `cuda:all`; `cpu,cpu` for tests): the windows
+are then split into contiguous shards, one per device, each pass runs on all of them at once and
+the statistics are merged so that the plan is the single-device plan (calib/shards.py; GPTQ's
+Hessians up to float rounding). The windows are split rather than the layers placed on several
+GPUs with accelerate's device map because only one layer is ever held: a device map would leave
+all but one GPU idle. Weights are quantized on the first device.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -28,11 +35,19 @@ import torch
 from rptq.calib.cluster import cluster_channels, fixed_clusters
 from rptq.calib.gptq import HessianTap
 from rptq.calib.observers import ChannelRangeObserver, ClusterRangeObserver
+from rptq.calib.shards import (
+    Shard,
+    advance,
+    channel_ranges,
+    cluster_ranges,
+    parse_devices,
+    split_windows,
+)
 from rptq.calib.trt_domain import trt_adjust
 from rptq.calib.weight_methods import hessian_tap, needs_hessian, quantize_layer
 from rptq.errors import ConfigError
 from rptq.model.fakequant import FakeQuantTap, apply_weights
-from rptq.model.forward import causal_mask, decoder_layer, embed, read_layer
+from rptq.model.forward import LayerWeights, causal_mask, embed, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.shape import OptShape
 from rptq.model.weights import layer_prefix
@@ -129,18 +144,29 @@ def calibrate(
     model: LoadedModel,
     windows: torch.Tensor,
     recipe: Recipe,
-    device: str = "cpu",
+    device: str | Sequence[str | torch.device] = "cpu",
     progress: ProgressFn | None = None,
 ) -> QuantPlan:
-    """Run RPTQ calibration on `windows` [N, T] and return the quantization plan."""
+    """Run RPTQ calibration on `windows` [N, T] and return the quantization plan.
+
+    `device`: one device, or several (a list or a comma-separated string) that share the windows.
+    """
+    devices = parse_devices(device)
     shape = model.shape
     check_recipe_fits(recipe, shape)
     rows, length = windows.shape
     mask = torch.ones(1, length, dtype=torch.long)
-    additive = causal_mask(mask, torch.float32).to(device)
+    additive = causal_mask(mask, torch.float32)
     with torch.no_grad():  # embeddings on the CPU (the table stays there), activations on device
         hidden = torch.cat([embed(windows[n : n + 1], mask, model.weights) for n in range(rows)])
-    hidden = hidden.to(device)
+    shards = split_windows(hidden, additive, devices)
+    del hidden
+    if len(shards) > 1:
+        log.info(
+            "windows split across %d devices: %s",
+            len(shards),
+            ", ".join(f"{s.hidden.shape[0]} on {s.device}" for s in shards),
+        )
     points = needed_points(recipe)
     stat_acts = {a for p in points for a in REORDERS[p].stats_from}
     sites: list[ReorderSite] = []
@@ -148,14 +174,14 @@ def calibrate(
     weights: list[WeightQuant] = []
     started = time.perf_counter()
     for i in range(shape.num_layers):
-        layer_weights = read_layer(model.weights, i, device=device)
+        layer_weights = read_layer(model.weights, i, device=str(devices[0]))
         with torch.no_grad():
             layer_sites = _calibrate_sites(
-                i, hidden, layer_weights, additive, shape, recipe, points, stat_acts
+                i, shards, layer_weights, shape, recipe, points, stat_acts
             )
             hessians = hessian_tap() if needs_hessian(recipe) else None
             layer_acts = _calibrate_acts(
-                i, hidden, layer_weights, additive, shape, recipe, layer_sites, hessians
+                i, shards, layer_weights, shape, recipe, layer_sites, hessians
             )
             adjust = trt_adjust(layer_acts, layer_sites) if recipe.target == "trt" else None
             layer_wq = (
@@ -167,10 +193,7 @@ def calibrate(
                 layer_weights, {w.fqn.split(f"{layer_prefix(i)}.", 1)[1]: w for w in layer_wq}
             )
             tap = FakeQuantTap.for_layer(layer_acts, {s.point: s for s in layer_sites})
-            for n in range(rows):
-                hidden[n : n + 1] = decoder_layer(
-                    hidden[n : n + 1], quant_weights, additive, shape, tap
-                )
+            advance(shards, quant_weights, shape, tap)
         sites += layer_sites
         acts += layer_acts
         weights += layer_wq
@@ -190,26 +213,25 @@ def calibrate(
 
 def _calibrate_sites(
     layer: int,
-    hidden: torch.Tensor,
-    weights: dict[str, torch.Tensor],
-    additive: torch.Tensor,
+    shards: list[Shard],
+    weights: LayerWeights,
     shape: OptShape,
     recipe: Recipe,
     points: list[Reorder],
     stat_acts: set[Act],
 ) -> list[ReorderSite]:
-    stats = ChannelRangeObserver(stat_acts)
-    if stat_acts and recipe.granularity is Granularity.CLUSTER:
-        for n in range(hidden.shape[0]):
-            decoder_layer(hidden[n : n + 1], weights, additive, shape, stats)
+    stats = (
+        channel_ranges(shards, weights, shape, stat_acts)
+        if stat_acts and recipe.granularity is Granularity.CLUSTER
+        else ChannelRangeObserver(stat_acts)
+    )
     return [_site(layer, p, stats, recipe, shape) for p in points]
 
 
 def _calibrate_acts(
     layer: int,
-    hidden: torch.Tensor,
-    weights: dict[str, torch.Tensor],
-    additive: torch.Tensor,
+    shards: list[Shard],
+    weights: LayerWeights,
     shape: OptShape,
     recipe: Recipe,
     sites: list[ReorderSite],
@@ -226,12 +248,5 @@ def _calibrate_acts(
         if act in SITE_OF
     }
     observer = ClusterRangeObserver(labels, recipe.act_metric)
-
-    def tap(act: Act, x: torch.Tensor) -> torch.Tensor:
-        # both observe the float activation and return it unchanged
-        x = observer(act, x)
-        return x if hessians is None else hessians(act, x)
-
-    for n in range(hidden.shape[0]):
-        decoder_layer(hidden[n : n + 1], weights, additive, shape, tap)
+    cluster_ranges(shards, weights, shape, observer, hessians)
     return _act_quants(layer, observer, recipe)
