@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -183,22 +183,16 @@ class OnnxWriter:
         external = self.external_data
         if external is None:
             external = self.initializer_bytes > PROTOBUF_LIMIT_BYTES
+        graph.initializer.extend(self._graph.initializer)  # payloads stay in the data file
         try:
-            if external or self._handle is None:
-                graph.initializer.extend(self._graph.initializer)
-            else:
-                for tensor in self._graph.initializer:
-                    is_reference = _is_external(tensor)
-                    graph.initializer.append(
-                        _inline(tensor, self._handle) if is_reference else tensor
-                    )
             finals = [self.data_file, self.path] if external else [self.path]
+            inline_from = None if external else self._handle
+            _write_model(model, self._tmp / self.path.name, inline_from)
+            del model
             if self._handle is not None:
                 self._handle.close()
                 if not external:
                     (self._tmp / self.data_file.name).unlink()
-            _write_model(model, self._tmp / self.path.name)
-            del model
             moved: list[Path] = []
             try:
                 for final in finals:
@@ -234,9 +228,84 @@ class OnnxWriter:
         self.abort()
 
 
-def _write_model(model: onnx.ModelProto, path: Path) -> None:
+def _write_model(model: onnx.ModelProto, path: Path, inline_from: BinaryIO | None = None) -> None:
+    """Serialize `model` to `path`; with `inline_from`, its external initializers are read from
+    that spooled data file and written inline, one tensor at a time (`_write_inlined`)."""
     with open(path, "wb") as handle:
-        handle.write(model.SerializeToString())
+        if inline_from is None:
+            handle.write(model.SerializeToString())
+        else:
+            _write_inlined(model, handle, inline_from)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _length_prefix(field: int, length: int) -> bytes:
+    """Key and length of a length-delimited protobuf field."""
+    return _varint(field << 3 | 2) + _varint(length)
+
+
+def _fields_bytes(message: Message, keep: Callable[[int], bool]) -> bytes:
+    """Serialization of the set fields of `message` whose field number passes `keep`."""
+    subset = type(message)()
+    skip = tuple(field.name for field, _ in message.ListFields() if not keep(field.number))
+    copy_fields(message, subset, skip=skip)
+    return subset.SerializeToString()
+
+
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def _inline_size(tensor: TensorProto) -> int:
+    """Serialized size of `tensor` once inlined, without reading its payload."""
+    if not _is_external(tensor):
+        return tensor.ByteSize()
+    bare = TensorProto()
+    bare.CopyFrom(tensor)
+    bare.ClearField("data_location")
+    bare.ClearField("external_data")
+    length = next(int(item.value) for item in tensor.external_data if item.key == "length")
+    return bare.ByteSize() + len(_length_prefix(_RAW_DATA, length)) + length
+
+
+def _write_inlined(model: onnx.ModelProto, handle: BinaryIO, spool: BinaryIO) -> None:
+    """Write the bytes `model.SerializeToString()` would give with every external initializer
+    inlined, holding one tensor at a time.
+
+    Protobuf writes fields in field-number order, so the model is: its fields before `graph`,
+    the graph's key and length, the graph's fields before `initializer`, each initializer,
+    the graph's remaining fields, the model's remaining fields. Lengths are computed up front
+    from the references (`_inline_size`); each tensor's size is checked as it is written.
+    """
+    graph = model.graph
+    graph_head = _fields_bytes(graph, lambda n: n < _INITIALIZER)
+    graph_tail = _fields_bytes(graph, lambda n: n > _INITIALIZER)
+    sizes = [_inline_size(tensor) for tensor in graph.initializer]
+    graph_length = len(graph_head) + len(graph_tail)
+    graph_length += sum(len(_length_prefix(_INITIALIZER, size)) + size for size in sizes)
+    handle.write(_fields_bytes(model, lambda n: n < _GRAPH))
+    handle.write(_length_prefix(_GRAPH, graph_length))
+    handle.write(graph_head)
+    for tensor, size in zip(graph.initializer, sizes, strict=True):
+        payload = (_inline(tensor, spool) if _is_external(tensor) else tensor).SerializeToString()
+        if len(payload) != size:
+            raise AssertionError(
+                f"initializer {tensor.name}: {len(payload)} bytes, expected {size}"
+            )
+        handle.write(_length_prefix(_INITIALIZER, size))
+        handle.write(payload)
+        del payload
+    handle.write(graph_tail)
+    handle.write(_fields_bytes(model, lambda n: n > _GRAPH))
 
 
 def save_onnx(

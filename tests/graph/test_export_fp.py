@@ -302,7 +302,7 @@ def _interrupt_mid_data(tensor, handle, location):
     raise KeyboardInterrupt
 
 
-def _interrupt_model_write(model, path):
+def _interrupt_model_write(model, path, inline_from=None):
     raise KeyboardInterrupt
 
 
