@@ -23,12 +23,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from rptq.calib.gptq import GridQuantizer, HessianTap, gptq_sweep
+from rptq.calib.gptq import GptqResult, GridQuantizer, HessianTap, gptq_sweep
 from rptq.calib.gptqt import gptqt_quantize
 from rptq.calib.lorc import lorc_correction
 from rptq.model.weights import layer_prefix
@@ -142,13 +143,11 @@ def _linear_codes(problem: LinearProblem, recipe: Recipe) -> WeightQuant:
             # GPTQ's groups take their grid when the sweep reaches them (§3.3 step 7); with
             # act-order the grids stay the static ones computed above (its --static-groups)
             dynamic = bool(group_size) and not recipe.act_order
-            result = gptq_sweep(
+            result = _sweep(
                 weight,
                 hessian,
                 quantizer,
-                recipe.gptq_percdamp,
-                recipe.gptq_block_size,
-                recipe.act_order,
+                recipe,
                 regroup=partial(quantizer.refit, bits=bits) if dynamic else None,
                 group_size=group_size,
             )
@@ -187,15 +186,27 @@ def _symmetric_codes(
         -qmax,
         qmax,
     )
-    result = gptq_sweep(
+    result = _sweep(weight, hessian, quantizer, recipe)
+    return result.codes.cpu().numpy().astype(np.int8), scale, zero
+
+
+def _sweep(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantizer: GridQuantizer,
+    recipe: Recipe,
+    **options: Any,
+) -> GptqResult:
+    """GPTQ's sweep with the recipe's dampening, block size and column order."""
+    return gptq_sweep(
         weight,
         hessian,
         quantizer,
         recipe.gptq_percdamp,
         recipe.gptq_block_size,
         recipe.act_order,
+        **options,
     )
-    return result.codes.cpu().numpy().astype(np.int8), scale, zero
 
 
 def quantize_linear(problem: LinearProblem, recipe: Recipe) -> WeightQuant:

@@ -8,7 +8,7 @@ initializers are streamed to the external data file before the next layer is rea
 nodes and the small initializers of the whole graph stay in memory.
 
 The result is byte-identical to building the whole graph, running the passes on it and saving
-it with `save_onnx(canonical_model(...))` (tests/graph/test_stream_export.py).
+it with `save_onnx(rptq.workflow.quantized_graph(...))` (tests/graph/test_stream_export.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from rptq.model.load import LoadedModel
 from rptq.plan import QuantPlan
 
 # progress(parts done, parts in all, bytes in the data file so far)
-Progress = Callable[[int, int, int], None]
+ProgressFn = Callable[[int, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def export_streamed(
     target: str = "ort",
     int4_block_size: int = 0,
     external_data: bool | None = None,
-    progress: Progress | None = None,
+    progress: ProgressFn | None = None,
 ) -> StreamedExport:
     """Build, transform and write the model fragment by fragment (see the module docstring).
 

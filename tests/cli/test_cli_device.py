@@ -4,19 +4,12 @@ import pytest
 import torch
 
 from rptq.cli import main
+from tests.cli.test_cli_errors import assert_one_line_error
 
 
 def calibrate(capsys, model_dir, out, device, calib_args=()):
     code = main(["calibrate", str(model_dir), "--device", device, "-o", str(out), *calib_args])
     return code, capsys.readouterr().err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 1
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert pattern in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 def test_device_cuda_without_a_cuda_build(capsys, model_dir, tmp_path, monkeypatch):
