@@ -133,6 +133,16 @@ LINEAR_OUTPUT_SITE: dict[str, Reorder] = {
     "self_attn.v_proj": Reorder.R3,
     "fc1": Reorder.R5,
 }
+# The activation each linear reads (its Hessian's source; the TensorRT variant folds its cluster
+# scales into the linear's rows): q/k/v share attn_ln_out.
+LINEAR_INPUT_ACT: dict[str, Act] = {
+    "self_attn.q_proj": Act.ATTN_LN_OUT,
+    "self_attn.k_proj": Act.ATTN_LN_OUT,
+    "self_attn.v_proj": Act.ATTN_LN_OUT,
+    "self_attn.out_proj": Act.OUT_PROJ_IN,
+    "fc1": Act.FFN_LN_OUT,
+    "fc2": Act.FC2_IN,
+}
 # LayerNorms whose output order is a reorder point (their input is gathered, gamma/beta permuted).
 LAYERNORM_SITE: dict[str, Reorder] = {
     "self_attn_layer_norm": Reorder.R1,

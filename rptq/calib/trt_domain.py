@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from rptq.calib.weight_methods import LINEAR_INPUT_ACT, AdjustFn, LinearProblem
+from rptq.calib.weight_methods import AdjustFn, LinearProblem
 from rptq.plan import ActQuant, ReorderSite
-from rptq.points import SITE_OF
+from rptq.points import LINEAR_INPUT_ACT, SITE_OF
 from rptq.quant.clusters import expand_to_channels
 from rptq.quant.trt_weights import fold_input_scale
 

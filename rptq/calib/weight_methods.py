@@ -34,22 +34,13 @@ from rptq.calib.gptqt import gptqt_quantize
 from rptq.calib.lorc import lorc_correction
 from rptq.model.weights import layer_prefix
 from rptq.plan import Recipe, ReorderSite, WeightMethod, WeightQuant
-from rptq.points import LINEAR_INPUT_SITE, LINEARS, Act
+from rptq.points import LINEAR_INPUT_ACT, LINEAR_INPUT_SITE, LINEARS
 from rptq.quant.clusters import inverse_permutation
 from rptq.quant.qparams import affine_params, grid_bounds, quantize
 from rptq.quant.trt_weights import symmetric_codes, symmetric_max, symmetric_scale
 
 log = logging.getLogger(__name__)
 
-# The activation each linear reads (its Hessian's source): q/k/v share attn_ln_out.
-LINEAR_INPUT_ACT: dict[str, Act] = {
-    "self_attn.q_proj": Act.ATTN_LN_OUT,
-    "self_attn.k_proj": Act.ATTN_LN_OUT,
-    "self_attn.v_proj": Act.ATTN_LN_OUT,
-    "self_attn.out_proj": Act.OUT_PROJ_IN,
-    "fc1": Act.FFN_LN_OUT,
-    "fc2": Act.FC2_IN,
-}
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,9 @@ LAYERNORM_OF: dict[Act, str] = {
     Act.ATTN_LN_OUT: "self_attn_layer_norm",
     Act.FFN_LN_OUT: "final_layer_norm",
 }
-# The activation each linear reads: X̂ = s∘(C − z) folds into its rows and bias.
-LINEAR_INPUT_ACT: dict[str, Act] = {
-    "self_attn.q_proj": Act.ATTN_LN_OUT,
-    "self_attn.k_proj": Act.ATTN_LN_OUT,
-    "self_attn.v_proj": Act.ATTN_LN_OUT,
-    "self_attn.out_proj": Act.OUT_PROJ_IN,
-    "fc1": Act.FFN_LN_OUT,
-    "fc2": Act.FC2_IN,
-}
-# The activation each linear produces: 1/s (and z, except through fc1's ReLU) fold into its
-# columns and bias. q also takes head_dim^-½, so its Mul goes.
+# Each linear's input activation (points.LINEAR_INPUT_ACT): X̂ = s∘(C − z) folds into its rows
+# and bias. The activation each linear produces: 1/s (and z, except through fc1's ReLU) fold
+# into its columns and bias. q also takes head_dim^-½, so its Mul goes.
 LINEAR_OUTPUT_ACT: dict[str, Act] = {
     "self_attn.q_proj": Act.Q,
     "self_attn.k_proj": Act.K,

@@ -32,7 +32,6 @@ from rptq.passes.context import GraphIndex, linear_perms
 from rptq.passes.lowrank import add_branch
 from rptq.passes.quantize_weights import check_relative_error, packed_constant, packed_nbytes
 from rptq.passes.trt_acts import (
-    LINEAR_INPUT_ACT,
     LINEAR_OUTPUT_ACT,
     OFFSET_AFTER_PRODUCER,
     ActVectors,
@@ -40,7 +39,7 @@ from rptq.passes.trt_acts import (
     float_dtype,
 )
 from rptq.plan import QuantPlan, WeightQuant
-from rptq.points import Act
+from rptq.points import LINEAR_INPUT_ACT, Act
 from rptq.quant.bcq import binary_weight
 from rptq.quant.trt_weights import (
     INT4_MAX,

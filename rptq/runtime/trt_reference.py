@@ -21,9 +21,9 @@ from rptq.model.fakequant import FakeQuantTap
 from rptq.model.forward import LayerWeights, Tap, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.weights import layer_prefix
-from rptq.passes.trt_acts import LINEAR_INPUT_ACT, check_trt_plan
+from rptq.passes.trt_acts import check_trt_plan
 from rptq.plan import QuantPlan, WeightQuant
-from rptq.points import LINEARS, SITE_OF
+from rptq.points import LINEAR_INPUT_ACT, LINEARS, SITE_OF
 from rptq.quant.clusters import expand_to_channels
 from rptq.quant.trt_weights import trt_weight
 from rptq.runtime.reference import ReferenceModel
