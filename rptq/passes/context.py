@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import ConfigError, GraphPatternError, PlanError
-from rptq.plan import QuantPlan
+from rptq.plan import QuantPlan, ReorderSite
 from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, LINEARS
 
 Target = Literal["ort", "trt"]
@@ -127,6 +127,25 @@ def perm_digest(perm: NDArray[np.integer]) -> str:
     """Short fingerprint of a permutation, to tell whether a graph was folded with this one."""
     data = np.ascontiguousarray(perm, dtype=np.int64).tobytes()
     return hashlib.sha256(data).hexdigest()[:12]
+
+
+def check_site_folded(site: ReorderSite, tensor: str, folded: dict[str, str], before: str) -> None:
+    """Clusters are contiguous only in the channel order fold_reorder gave the graph: `site` must
+    be folded into it (unless its permutation is the identity), and with this permutation.
+
+    `folded` is `folded_sites(graph)`; `before` names the pass that needs the fold.
+    """
+    identity = bool(np.array_equal(site.perm, np.arange(site.perm.shape[0])))
+    if not identity and site.key not in folded:
+        raise GraphPatternError(
+            f"tensor {tensor}: reorder site {site.key} is not folded into this graph; run "
+            f"fold_reorder before {before}"
+        )
+    if site.key in folded and folded[site.key] != perm_digest(site.perm):
+        raise GraphPatternError(
+            f"tensor {tensor}: the graph was folded with another permutation for {site.key} "
+            "than this plan's; fold the FP graph with this plan"
+        )
 
 
 def folded_sites(graph: gs.Graph) -> dict[str, str]:

@@ -18,7 +18,13 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import GraphIndex, PassContext, PassResult, folded_sites, perm_digest
+from rptq.passes.context import (
+    GraphIndex,
+    PassContext,
+    PassResult,
+    check_site_folded,
+    folded_sites,
+)
 from rptq.plan import ActQuant, QuantPlan, ReorderSite
 from rptq.points import SITE_OF
 from rptq.quant.clusters import expand_to_positions
@@ -97,18 +103,7 @@ def _prepare(
                 f"plan {quant.key}: {quant.scale.shape[0]} scales for {site.sizes.shape[0]} "
                 f"clusters of {site.key}; recalibrate"
             )
-        identity = bool(np.array_equal(site.perm, np.arange(site.perm.shape[0])))
-        # Clusters are contiguous only in the channel order the graph was folded with.
-        if not identity and site.key not in folded:
-            raise GraphPatternError(
-                f"tensor {name}: reorder site {site.key} is not folded into this graph; run "
-                "fold_reorder before insert_act_qdq"
-            )
-        if site.key in folded and folded[site.key] != perm_digest(site.perm):
-            raise GraphPatternError(
-                f"tensor {name}: the graph was folded with another permutation for {site.key} "
-                "than this plan's; fold the FP graph with this plan"
-            )
+        check_site_folded(site, name, folded, insert_act_qdq.__name__)
         width = int(site.sizes.sum())
         shape = tensor.shape
         known = shape is not None and len(shape) == 3 and isinstance(shape[2], int)

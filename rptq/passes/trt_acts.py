@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import ConfigError, GraphPatternError, PlanError
-from rptq.passes.context import perm_digest
+from rptq.passes.context import check_site_folded
 from rptq.plan import ActQuant, QuantPlan, WeightMethod
 from rptq.points import SITE_OF, Act
 from rptq.quant.clusters import expand_to_positions
@@ -84,23 +84,12 @@ def act_vectors(plan: QuantPlan, quant: ActQuant) -> ActVectors:
     return ActVectors(quant, scale, zero, per_tensor=False)
 
 
-def check_site_folded(plan: QuantPlan, quant: ActQuant, folded: dict[str, str]) -> None:
-    """Clusters are contiguous only in the channel order fold_reorder gave the graph."""
-    if quant.act not in SITE_OF:
-        return
-    site = plan.site(quant.layer, SITE_OF[quant.act])
-    name = names.act_tensor(quant.layer, quant.act)
-    identity = bool(np.array_equal(site.perm, np.arange(site.perm.shape[0])))
-    if not identity and site.key not in folded:
-        raise GraphPatternError(
-            f"tensor {name}: reorder site {site.key} is not folded into this graph; run "
-            "fold_reorder before trt_fold"
-        )
-    if site.key in folded and folded[site.key] != perm_digest(site.perm):
-        raise GraphPatternError(
-            f"tensor {name}: the graph was folded with another permutation for {site.key} than "
-            "this plan's; fold the FP graph with this plan"
-        )
+def check_act_folded(plan: QuantPlan, quant: ActQuant, folded: dict[str, str]) -> None:
+    """An activation with a reorder site needs that site folded (context.check_site_folded)."""
+    if quant.act in SITE_OF:
+        site = plan.site(quant.layer, SITE_OF[quant.act])
+        name = names.act_tensor(quant.layer, quant.act)
+        check_site_folded(site, name, folded, "trt_fold")
 
 
 def quantized_input_name(layer: int, act: Act) -> str:

@@ -37,7 +37,7 @@ from rptq.passes.trt_acts import (
     act_digest,
     act_vectors,
     as_dtype,
-    check_site_folded,
+    check_act_folded,
     check_trt_plan,
     is_trt_folded,
     record_trt_folded,
@@ -245,7 +245,7 @@ def trt_fold(graph: gs.Graph, ctx: PassContext) -> PassResult:
         vectors: dict[Act, ActVectors] = {}
         for quant in plan.acts:
             if quant.layer == layer:
-                check_site_folded(plan, quant, folded)
+                check_act_folded(plan, quant, folded)
                 vectors[quant.act] = act_vectors(plan, quant)
         head_factor = None
         if Act.Q in vectors:
