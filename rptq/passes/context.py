@@ -123,6 +123,15 @@ class GraphIndex:
         return tensor
 
 
+def rewire_consumers(consumers: list[gs.Node], source: gs.Tensor, target: gs.Tensor) -> None:
+    """Make `consumers` read `target` wherever they read `source` (take the list before adding
+    the nodes that read `source` themselves)."""
+    for consumer in consumers:
+        for slot, tensor in enumerate(consumer.inputs):
+            if tensor is source:
+                consumer.inputs[slot] = target
+
+
 def perm_digest(perm: NDArray[np.integer]) -> str:
     """Short fingerprint of a permutation, to tell whether a graph was folded with this one."""
     data = np.ascontiguousarray(perm, dtype=np.int64).tobytes()

@@ -24,6 +24,7 @@ from rptq.passes.context import (
     PassResult,
     check_site_folded,
     folded_sites,
+    rewire_consumers,
 )
 from rptq.plan import ActQuant, QuantPlan, ReorderSite
 from rptq.points import SITE_OF
@@ -190,10 +191,7 @@ def _insert(graph: gs.Graph, item: ActQdq, dtype: np.dtype) -> int:
             outputs=[dequantized],
         )
     )
-    for consumer in consumers:
-        for slot, tensor in enumerate(consumer.inputs):
-            if tensor is source:
-                consumer.inputs[slot] = dequantized
+    rewire_consumers(consumers, source, dequantized)
     return added
 
 

@@ -27,7 +27,14 @@ import onnx_graphsurgeon as gs
 
 from rptq import names
 from rptq.errors import GraphPatternError
-from rptq.passes.context import GraphIndex, PassContext, PassResult, folded_sites, plan_layers
+from rptq.passes.context import (
+    GraphIndex,
+    PassContext,
+    PassResult,
+    folded_sites,
+    plan_layers,
+    rewire_consumers,
+)
 from rptq.passes.insert_qdq import graph_float_dtype
 from rptq.passes.trt_acts import (
     CONSUMER_POINTWISE,
@@ -57,14 +64,6 @@ def _variable(index: GraphIndex, name: str, pattern: str) -> gs.Variable:
     if not isinstance(tensor, gs.Variable) or not tensor.inputs or not tensor.outputs:
         raise GraphPatternError(f"tensor {name} not found with a producer and consumers; {pattern}")
     return tensor
-
-
-def _rewire(source: gs.Variable, target: gs.Variable) -> None:
-    """Point every current consumer of `source` at `target` (call before adding readers)."""
-    for consumer in list(source.outputs):
-        for slot, tensor in enumerate(consumer.inputs):
-            if tensor is source:
-                consumer.inputs[slot] = target
 
 
 def _pointwise(
@@ -152,7 +151,7 @@ def _plan_producer(graph: gs.Graph, index: GraphIndex, vec: ActVectors, dtype: n
 
     def edit() -> None:
         folded = gs.Variable(n["folded"], dtype=x.dtype, shape=x.shape)
-        _rewire(x, folded)
+        rewire_consumers(list(x.outputs), x, folded)
         if act is Act.ATTN_PROBS:
             graph.nodes.append(
                 gs.Node(
@@ -196,7 +195,7 @@ def _plan_consumer(graph: gs.Graph, index: GraphIndex, vec: ActVectors, dtype: n
         # probs: the producer edit (run first) made <act>/folded
         source = graph.tensors()[n["folded"] if act is Act.ATTN_PROBS else name]
         restored = gs.Variable(n["restored"], dtype=source.dtype, shape=source.shape)
-        _rewire(source, restored)
+        rewire_consumers(list(source.outputs), source, restored)
         if act is Act.ATTN_PROBS:
             graph.nodes.append(
                 gs.Node(

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError
-from rptq.passes.context import GraphIndex, PassContext, PassResult
+from rptq.passes.context import GraphIndex, PassContext, PassResult, rewire_consumers
 from rptq.passes.insert_qdq import graph_float_dtype
 from rptq.passes.trt_acts import act_digest, as_dtype, quantized_input_name, trt_folded
 from rptq.plan import ActQuant
@@ -102,10 +102,7 @@ def _insert(graph: gs.Graph, item: _Prepared) -> int:
             outputs=[dequantized],
         ),
     ]
-    for consumer in consumers:
-        for slot, tensor in enumerate(consumer.inputs):
-            if tensor is source:
-                consumer.inputs[slot] = dequantized
+    rewire_consumers(consumers, source, dequantized)
     return int(item.clip is not None)
 
 
