@@ -26,8 +26,8 @@ from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of, linear_perms
 from rptq.passes.quantize_weights import (
     MATMUL_PATTERN,
+    add_dequantize,
     check_relative_error,
-    packed_constant,
     packed_nbytes,
 )
 from rptq.plan import QuantPlan, WeightQuant
@@ -123,19 +123,14 @@ def binary_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
         for i in range(item.planes.shape[0]):
             plane = item.planes[i].astype(container)
             zero = np.zeros(shape[1], dtype=container)
-            dequantized = gs.Variable(n[f"plane{i}_dequantized"], dtype=dtype, shape=shape)
-            graph.nodes.append(
-                gs.Node(
-                    "DequantizeLinear",
-                    name=n[f"plane{i}_node"],
-                    attrs={"axis": PLANE_AXIS},
-                    inputs=[
-                        packed_constant(n[f"plane{i}"], plane),
-                        gs.Constant(n[f"plane{i}_scale"], np.ascontiguousarray(item.alpha[:, i])),
-                        packed_constant(n[f"plane{i}_zero_point"], zero),
-                    ],
-                    outputs=[dequantized],
-                )
+            dequantized = add_dequantize(
+                graph,
+                n[f"plane{i}_node"],
+                n[f"plane{i}_dequantized"],
+                (n[f"plane{i}"], plane),
+                (n[f"plane{i}_scale"], item.alpha[:, i]),
+                (n[f"plane{i}_zero_point"], zero),
+                {"axis": PLANE_AXIS},
             )
             after += plane_nbytes(container, plane.size) + plane_nbytes(container, zero.size)
             after += item.alpha[:, i].nbytes
@@ -236,20 +231,14 @@ def add_plane_products(
     attrs = {"axis": 0, "block_size": block} if block else {"axis": PLANE_AXIS}
     for i, (codes, scale) in enumerate(stored):
         dtype = scale.dtype
-        dequantized = gs.Variable(n[f"plane{i}_dequantized"], dtype=dtype, shape=list(codes.shape))
-        zero = np.zeros(scale.shape, codes.dtype)
-        graph.nodes.append(
-            gs.Node(
-                "DequantizeLinear",
-                name=n[f"plane{i}_node"],
-                attrs=attrs,
-                inputs=[
-                    packed_constant(n[f"plane{i}"], codes),
-                    gs.Constant(n[f"plane{i}_scale"], scale),
-                    packed_constant(n[f"plane{i}_zero_point"], zero),
-                ],
-                outputs=[dequantized],
-            )
+        dequantized = add_dequantize(
+            graph,
+            n[f"plane{i}_node"],
+            n[f"plane{i}_dequantized"],
+            (n[f"plane{i}"], codes),
+            (n[f"plane{i}_scale"], scale),
+            (n[f"plane{i}_zero_point"], np.zeros(scale.shape, codes.dtype)),
+            attrs,
         )
         if i == 0:
             matmul.inputs[1] = dequantized

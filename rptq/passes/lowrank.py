@@ -18,7 +18,7 @@ from rptq import names
 from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.binary_weights import graph_order
 from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of
-from rptq.passes.quantize_weights import packed_constant, packed_nbytes
+from rptq.passes.quantize_weights import add_dequantize, packed_nbytes
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.plan_weights import LowRankFactor
 from rptq.quant.qparams import container_bits
@@ -59,19 +59,14 @@ def _factor(
         scale = scale * row_factor
     scale = np.ascontiguousarray(scale, dtype=dtype)
     zero = np.ascontiguousarray(factor.zero[order]).astype(container)
-    output = gs.Variable(n[f"{which}_dequantized"], dtype=dtype, shape=list(codes.shape))
-    graph.nodes.append(
-        gs.Node(
-            "DequantizeLinear",
-            name=n[f"{which}_dq_node"],
-            attrs={"axis": axis},
-            inputs=[
-                packed_constant(n[f"{which}_quantized"], codes),
-                gs.Constant(n[f"{which}_scale"], scale),
-                packed_constant(n[f"{which}_zero_point"], zero),
-            ],
-            outputs=[output],
-        )
+    output = add_dequantize(
+        graph,
+        n[f"{which}_dq_node"],
+        n[f"{which}_dequantized"],
+        (n[f"{which}_quantized"], codes),
+        (n[f"{which}_scale"], scale),
+        (n[f"{which}_zero_point"], zero),
+        {"axis": axis},
     )
     nbytes = sum(packed_nbytes(a.dtype, a.size) for a in (codes, scale, zero))
     return output, nbytes

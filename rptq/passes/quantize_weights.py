@@ -52,6 +52,29 @@ def packed_constant(name: str, array: NDArray[np.generic]) -> gs.Constant:
     return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
 
 
+def add_dequantize(
+    graph: gs.Graph,
+    node: str,
+    output: str,
+    codes: tuple[str, NDArray[np.generic]],
+    scale: tuple[str, NDArray[np.floating]],
+    zero: tuple[str, NDArray[np.generic]],
+    attrs: dict[str, int],
+) -> gs.Variable:
+    """Append `node` = DequantizeLinear of three (name, array) constants (INT4 packed); returns
+    its float output `output`, shaped like the codes, in the scale's dtype."""
+    out = gs.Variable(output, dtype=scale[1].dtype, shape=list(codes[1].shape))
+    inputs = [
+        packed_constant(*codes),
+        gs.Constant(scale[0], np.ascontiguousarray(scale[1])),
+        packed_constant(*zero),
+    ]
+    graph.nodes.append(
+        gs.Node("DequantizeLinear", name=node, attrs=attrs, inputs=inputs, outputs=[out])
+    )
+    return out
+
+
 def wrap_packed_constants(graph: gs.Graph) -> int:
     """Re-wrap INT4/UINT4 arrays as packed TensorProtos before gs export; returns how many."""
     wrapped = 0
@@ -195,24 +218,17 @@ def quantize_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
     int4 = 0
     for item in items:
         n = item.names
-        codes = packed_constant(n["codes"], item.codes)
-        scale = gs.Constant(n["scale"], item.scale)
-        zero = packed_constant(n["zero_point"], item.zero)
-        out = gs.Variable(n["output"], dtype=item.scale.dtype, shape=list(item.codes.shape))
-        graph.nodes.append(
-            gs.Node(
-                "DequantizeLinear",
-                name=n["node"],
-                attrs=(
-                    {"axis": 0, "block_size": item.block_size}
-                    if item.block_size
-                    else {"axis": WEIGHT_AXIS}
-                ),
-                inputs=[codes, scale, zero],
-                outputs=[out],
-            )
+        item.matmul.inputs[1] = add_dequantize(
+            graph,
+            n["node"],
+            n["output"],
+            (n["codes"], item.codes),
+            (n["scale"], item.scale),
+            (n["zero_point"], item.zero),
+            {"axis": 0, "block_size": item.block_size}
+            if item.block_size
+            else {"axis": WEIGHT_AXIS},
         )
-        item.matmul.inputs[1] = out
         int4 += int(item.codes.dtype in _PACKED_DTYPES)
     return PassResult(
         quantize_weights.__name__,

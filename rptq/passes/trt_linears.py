@@ -30,7 +30,11 @@ from rptq.errors import ConfigError, GraphPatternError, PlanError
 from rptq.passes.binary_weights import PLANE_AXIS, add_plane_products, graph_planes, plane_tensors
 from rptq.passes.context import GraphIndex, linear_perms
 from rptq.passes.lowrank import add_branch
-from rptq.passes.quantize_weights import check_relative_error, packed_constant, packed_nbytes
+from rptq.passes.quantize_weights import (
+    add_dequantize,
+    check_relative_error,
+    packed_nbytes,
+)
 from rptq.passes.trt_acts import (
     LINEAR_OUTPUT_ACT,
     OFFSET_AFTER_PRODUCER,
@@ -330,21 +334,15 @@ def _dequantize(
 ) -> None:
     """codes -> DequantizeLinear(scale, zero 0) -> the MatMul's B (names.quantized_weight)."""
     n = names.quantized_weight(linear.module)
-    out = gs.Variable(n["output"], dtype=scale.dtype, shape=list(codes.shape))
-    graph.nodes.append(
-        gs.Node(
-            "DequantizeLinear",
-            name=n["node"],
-            attrs=attrs,
-            inputs=[
-                packed_constant(n["codes"], codes),
-                gs.Constant(n["scale"], np.ascontiguousarray(scale)),
-                packed_constant(n["zero_point"], zero),
-            ],
-            outputs=[out],
-        )
+    linear.matmul.inputs[1] = add_dequantize(
+        graph,
+        n["node"],
+        n["output"],
+        (n["codes"], codes),
+        (n["scale"], scale),
+        (n["zero_point"], zero),
+        attrs,
     )
-    linear.matmul.inputs[1] = out
 
 
 def _int4_edit(
