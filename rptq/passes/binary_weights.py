@@ -25,10 +25,10 @@ from rptq import names
 from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of, linear_perms
 from rptq.passes.quantize_weights import (
-    MATMUL_PATTERN,
     add_dequantize,
     check_relative_error,
     packed_nbytes,
+    weight_matmul,
 )
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.plan_weights import binary_index
@@ -80,14 +80,8 @@ def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepare
     node_names = names.binary_weight(quant.fqn, quant.bits)
     if node_names["plane0_node"] in index.nodes or node_names["plane0"] in index.tensors:
         raise GraphPatternError(f"node {node_names['plane0_node']} already exists: weights done")
-    matmul = index.node(names.node(quant.fqn, "MatMul"), "MatMul", MATMUL_PATTERN)
-    weight = index.constant_input(matmul, 1, names.weight(quant.fqn), 2, MATMUL_PATTERN)
+    matmul, weight = weight_matmul(index, quant)
     out_ch, in_ch = quant.codes.shape
-    if tuple(weight.shape) != (in_ch, out_ch):
-        raise GraphPatternError(
-            f"initializer {weight.name} has shape {list(weight.shape)}, but the plan's codes "
-            f"need [{in_ch}, {out_ch}] (node {matmul.name})"
-        )
     rows, cols = graph_order(plan, layer, linear, in_ch, out_ch)
     bcq_index = binary_index(quant.codes, quant.bits).T[np.ix_(rows, cols)]
     planes = planes_of(bcq_index, quant.bits)

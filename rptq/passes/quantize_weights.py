@@ -107,12 +107,8 @@ class _Prepared:
         return sum(packed_nbytes(a.dtype, a.size) for a in (self.codes, self.scale, self.zero))
 
 
-def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepared:
-    """Check one weight and build its codes in the graph layout (no graph edits)."""
-    layer, linear = linear_of(plan, quant.fqn)
-    qw = names.quantized_weight(quant.fqn)
-    if qw["node"] in index.nodes or qw["codes"] in index.tensors:
-        raise GraphPatternError(f"node {qw['node']} already exists: weights already quantized")
+def weight_matmul(index: GraphIndex, quant: WeightQuant) -> tuple[gs.Node, gs.Constant]:
+    """The MatMul of a plan weight and its [in, out] initializer, which must fit the codes."""
     matmul = index.node(names.node(quant.fqn, "MatMul"), "MatMul", MATMUL_PATTERN)
     weight = index.constant_input(matmul, 1, names.weight(quant.fqn), 2, MATMUL_PATTERN)
     out_ch, in_ch = quant.codes.shape
@@ -121,6 +117,17 @@ def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepare
             f"initializer {weight.name} has shape {list(weight.shape)}, but the plan's codes "
             f"need [{in_ch}, {out_ch}] (node {matmul.name})"
         )
+    return matmul, weight
+
+
+def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepared:
+    """Check one weight and build its codes in the graph layout (no graph edits)."""
+    layer, linear = linear_of(plan, quant.fqn)
+    qw = names.quantized_weight(quant.fqn)
+    if qw["node"] in index.nodes or qw["codes"] in index.tensors:
+        raise GraphPatternError(f"node {qw['node']} already exists: weights already quantized")
+    matmul, weight = weight_matmul(index, quant)
+    out_ch, in_ch = quant.codes.shape
     dtype = np.dtype(weight.dtype)
     in_perm, out_perm = linear_perms(plan, layer, linear)
     block = 0
