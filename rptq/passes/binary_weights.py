@@ -83,11 +83,9 @@ def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepare
     matmul, weight = weight_matmul(index, quant)
     out_ch, in_ch = quant.codes.shape
     rows, cols = graph_order(plan, layer, linear, in_ch, out_ch)
-    bcq_index = binary_index(quant.codes, quant.bits).T[np.ix_(rows, cols)]
-    planes = planes_of(bcq_index, quant.bits)
+    planes, alpha, beta = graph_planes(quant, rows, cols)
     dtype = np.dtype(weight.dtype)
-    alpha = quant.binary.alpha[cols].astype(dtype)
-    beta = quant.binary.beta[cols].astype(dtype)
+    alpha, beta = alpha.astype(dtype), beta.astype(dtype)
     if not (np.all(np.isfinite(alpha)) and np.all(np.isfinite(beta))):
         raise PlanError(f"plan weight {quant.fqn}: alpha/beta are not representable in {dtype}")
     check_relative_error(weight, binary_weight(planes, alpha, beta, axis=PLANE_AXIS))
