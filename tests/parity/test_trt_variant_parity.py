@@ -30,6 +30,7 @@ from rptq.runtime.perplexity import perplexity
 from rptq.runtime.reference import ReferenceModel
 from rptq.runtime.trt_reference import TrtReferenceModel
 from rptq.workflow import quantized_graph
+from tests.graph.test_trt_variant import RECIPES  # the variant's recipes, shared
 from tests.parity.activations import record_activations
 from tests.tolerances import (
     FOLD_ATOL,
@@ -40,14 +41,6 @@ from tests.tolerances import (
     TRT_VARIANT_FP16_MIN_SQNR_DB,
 )
 
-RECIPES = {
-    "W4A8": {"wbits": 4, "abits": 8},
-    "W4A4": {"wbits": 4, "abits": 4},
-    "W4A4KV": {"wbits": 4, "abits": 4, "only_quant_kv": True},
-    "W3A3KV": {"wbits": 3, "abits": 3, "only_quant_kv": True},
-    "W4A16": {"wbits": 4, "abits": 16},
-    "W16A16": {"wbits": 16, "abits": 16},
-}
 QUANTIZED_ACTS = ("W4A8", "W4A4", "W4A4KV", "W3A3KV")
 
 
