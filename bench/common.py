@@ -8,6 +8,7 @@ test runs, and an out-of-memory kill could hit one of theirs instead of ours.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -191,3 +192,16 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     else:
         text = f"{text.rstrip()}\n\n{block}"
     path.write_text(text)
+
+
+def add_calibration_args(
+    parser: argparse.ArgumentParser, model: Path, nsamples: int = 32, seq_len: int = 512
+) -> None:
+    """--model, --data-dir and the calibration flags (set, windows, length, seed) that the
+    quality benchmarks share, with their defaults."""
+    parser.add_argument("--model", type=Path, default=model)
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser.add_argument("--calib-dataset", default="c4-sample")
+    parser.add_argument("--nsamples", type=int, default=nsamples)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--seed", type=int, default=2)

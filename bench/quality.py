@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CACHE,
     PYTHON,
-    default_data_dir,
+    add_calibration_args,
     default_model,
     gib,
     machine_lines,
@@ -266,12 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs="?", choices=["ladder", "row"], default="ladder",
                         help="ladder (default): the whole table; row: one worker (internal)")
-    parser.add_argument("--model", type=Path, default=default_model())
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--calib-dataset", default="c4-sample")
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=2)
+    add_calibration_args(parser, default_model(), nsamples=128)
     parser.add_argument("--act-metric", choices=["ema_minmax", "minmax"], default="ema_minmax",
                         help="how activation ranges combine across calibration rows")
     parser.add_argument("--limit", type=int, default=64, help="wikitext2 windows per row")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     TINY_MODEL,
-    default_data_dir,
+    add_calibration_args,
     machine_lines,
     require_model,
     shown,
@@ -183,12 +183,7 @@ def report(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=TINY_MODEL)
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--calib-dataset", default="c4-sample")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=2)
+    add_calibration_args(parser, TINY_MODEL)
     parser.add_argument("--limit", type=int, default=32, help="evaluation windows")
     parser.add_argument("--ort-row", default="W4A4", help="the row also run in ONNX Runtime")
     parser.add_argument("--int4-block", type=int, default=128, choices=[64, 128])

@@ -26,7 +26,7 @@ from common import (  # noqa: E402
     CACHE,
     PYTHON,
     TINY_MODEL,
-    default_data_dir,
+    add_calibration_args,
     gib,
     machine_lines,
     require_model,
@@ -241,12 +241,7 @@ def _report(args: argparse.Namespace, rows: list[Row], argv: list[str], total_s:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs="?", choices=["table", "row"], default="table")
-    parser.add_argument("--model", type=Path, default=TINY_MODEL)
-    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
-    parser.add_argument("--calib-dataset", default="c4-sample")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=2)
+    add_calibration_args(parser, TINY_MODEL)
     parser.add_argument("--limit", type=int, default=32, help="wikitext2 windows per row")
     parser.add_argument("--settings", default=",".join(s[0] for s in SETTINGS))
     parser.add_argument("--methods", default=",".join(METHODS))
