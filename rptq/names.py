@@ -30,6 +30,7 @@ EMBED_POSITIONS = f"{DECODER}.embed_positions"
 FINAL_LAYER_NORM = f"{DECODER}.final_layer_norm"
 LM_HEAD = "lm_head"
 MASK_MODULE = f"{DECODER}.attention_mask"
+LAYER_PREFIX = f"{DECODER}.layers."  # + index: a decoder layer's module path
 
 # Activation -> (module under the layer, role): the tensor's name is f"{layer}.{module}/{role}".
 ACT_TENSOR: dict[Act, tuple[str, str]] = {
@@ -47,7 +48,7 @@ ACT_TENSOR: dict[Act, tuple[str, str]] = {
 
 def layer(index: int) -> str:
     """Module path of decoder layer `index`."""
-    return f"{DECODER}.layers.{index}"
+    return f"{LAYER_PREFIX}{index}"
 
 
 def module(index: int, name: str) -> str:

@@ -50,9 +50,8 @@ def part_key(node_name: str, num_layers: int) -> int:
     module = _module_of(node_name)
     if any(module == head or module.startswith(f"{head}.") for head in _HEAD_MODULES):
         return num_layers + 1
-    prefix = f"{names.DECODER}.layers."
-    if module.startswith(prefix):
-        index = module[len(prefix) :].split(".", 1)[0]
+    if module.startswith(names.LAYER_PREFIX):
+        index = module[len(names.LAYER_PREFIX) :].split(".", 1)[0]
         if index.isdigit() and int(index) < num_layers:
             return 1 + int(index)
     return 0

@@ -177,11 +177,15 @@ def record_folded(graph: gs.Graph, sites: dict[str, str]) -> None:
 
 
 def linear_of(plan: QuantPlan, fqn: str) -> tuple[int, str]:
-    """(layer, linear) of a plan weight's module path."""
-    for layer in range(plan.model.shape["num_layers"]):
-        for linear in LINEARS:
-            if names.module(layer, linear) == fqn:
-                return layer, linear
+    """(layer, linear) of a plan weight's module path.
+
+    Parsed rather than searched: the streamed export asks for every weight once per layer.
+    """
+    index, _, linear = fqn.removeprefix(names.LAYER_PREFIX).partition(".")
+    if index.isdigit() and linear in LINEARS:
+        layer = int(index)
+        if layer < plan.model.shape["num_layers"] and names.module(layer, linear) == fqn:
+            return layer, linear
     raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
 
 

@@ -159,3 +159,14 @@ def test_streamed_export_runs_in_ort_like_the_reference(tiny_loaded, w4a4_plan, 
     streamed = make_session(str(files[-1])).run(None, feeds)[0]
     whole = make_session(quantized_graph(tiny_loaded, w4a4_plan)).run(None, feeds)[0]
     np.testing.assert_array_equal(streamed, whole)
+
+
+def test_linear_of_parses_only_the_plans_own_linears(w4a4_plan):
+    from rptq.errors import PlanError
+    from rptq.passes.context import linear_of
+
+    assert linear_of(w4a4_plan, names.module(1, "fc2")) == (1, "fc2")
+    assert linear_of(w4a4_plan, names.module(0, "self_attn.q_proj")) == (0, "self_attn.q_proj")
+    for fqn in ("model.decoder.layers.2.fc2", "model.decoder.layers.01.fc2", "lm_head", "fc1"):
+        with pytest.raises(PlanError, match="six linears"):
+            linear_of(w4a4_plan, fqn)
