@@ -17,6 +17,7 @@ from typing import Any
 from rptq import __version__
 from rptq import log as rlog
 from rptq.errors import RptqError
+from rptq.plan import CLI_TARGETS, Target
 from rptq.points import DEFAULT_CLUSTERS, Reorder
 
 log = logging.getLogger("rptq.cli")
@@ -126,8 +127,8 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=21)
     parser.add_argument(
         "--target",
-        choices=["ort", "tensorrt"],
-        default="ort",
+        choices=CLI_TARGETS,
+        default=Target.ORT.cli,
         help="ort: per-cluster asymmetric Q/DQ; tensorrt: the TensorRT variant (scales folded, "
         "per-tensor INT8 Q/DQ, symmetric weights; docs/tensorrt-rules.md)",
     )
@@ -176,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--force", action="store_true", help="overwrite an existing plan")
     cal.add_argument(
         "--target",
-        choices=["ort", "tensorrt"],
-        default="ort",
+        choices=CLI_TARGETS,
+        default=Target.ORT.cli,
         help="the export target the weights are calibrated for: tensorrt quantizes them as the "
         "TensorRT variant holds them (activation scales folded in, symmetric; export the plan "
         "with --target tensorrt)",
@@ -198,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plan", help="evaluate the fake-quant reference of this plan")
     ev.add_argument(
         "--target",
-        choices=["ort", "tensorrt"],
-        default="ort",
+        choices=CLI_TARGETS,
+        default=Target.ORT.cli,
         help="with --plan: the reference of the default export (ort) or of the TensorRT variant",
     )
     ev.add_argument("--datasets", default="wikitext2", help="comma list of wikitext2, ptb, c4")
@@ -225,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("onnx", help="ONNX file (external data is read from beside it)")
     chk.add_argument(
         "--target",
-        choices=["tensorrt", "ort"],
-        default="tensorrt",
+        choices=CLI_TARGETS,
+        default=Target.TRT.cli,
         help="tensorrt: TensorRT's Q/DQ and op rules (docs/tensorrt-rules.md); ort: onnx.checker",
     )
 

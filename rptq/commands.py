@@ -12,12 +12,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rptq.errors import ConfigError, DataError
 from rptq.io import check_output
 from rptq.log import human_bytes, peak_rss_bytes, stage
-from rptq.plan import QuantPlan, Recipe
+from rptq.plan import QuantPlan, Recipe, Target
 
 log = logging.getLogger(__name__)
 Summary = dict[str, Any]
@@ -42,7 +42,7 @@ def _recipe(args: argparse.Namespace, max_positions: int | None = None) -> Recip
         "lorc_bits": args.lorc_bits,
         # `calibrate --target` and `run --target`: weights quantized as that target's graph
         # holds them (a run with --plan keeps the plan's own target)
-        "target": "trt" if getattr(args, "target", "ort") == "tensorrt" else "ort",
+        "target": _cli_target(args),
     }
     if args.clusters is not None:
         fields["clusters"] = args.clusters
@@ -99,7 +99,7 @@ def _weight_method(recipe: Recipe) -> str:
     if recipe.lorc_rank:
         kind = "int8" if recipe.lorc_bits == 8 else "float"
         parts.append(f"LoRC rank {recipe.lorc_rank} ({kind} factors)")
-    if recipe.target == "trt":
+    if recipe.target is Target.TRT:
         parts.append("calibrated for --target tensorrt")
     return ", ".join(parts)
 
@@ -135,20 +135,25 @@ def cmd_calibrate(args: argparse.Namespace) -> Summary:
     }
 
 
-def _pass_target(args: argparse.Namespace) -> Literal["ort", "trt"]:
+def _cli_target(args: argparse.Namespace) -> Target:
+    """The `--target` of a subcommand (ort where it has none)."""
+    return Target.from_cli(args.target) if "target" in args else Target.ORT
+
+
+def _pass_target(args: argparse.Namespace) -> Target:
     """The passes' target for `--target`; option clashes fail before any expensive work."""
-    target = getattr(args, "target", "ort")
+    target = _cli_target(args)
     block = getattr(args, "int4_block", None)
-    if block is not None and target != "tensorrt":
+    if block is not None and target is not Target.TRT:
         raise ConfigError("--int4-block applies to --target tensorrt only")
-    return "trt" if target == "tensorrt" else "ort"
+    return target
 
 
-def _export_summary(summary: Any, plan: QuantPlan | None, target: str = "ort") -> Summary:
+def _export_summary(summary: Any, plan: QuantPlan | None, target: Target = Target.ORT) -> Summary:
     return {
         "files": [f"{path} ({human_bytes(size)})" for path, size in summary.files],
         "bits": summary.label,
-        "target": "tensorrt" if target == "trt" else "ort",
+        "target": target.cli,
         "QuantizeLinear nodes": summary.op_counts.get("QuantizeLinear", 0),
         "DequantizeLinear nodes": summary.op_counts.get("DequantizeLinear", 0),
         "plan": plan.model.name if plan is not None else "none (FP export)",
@@ -211,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
 
     datasets = parse_list(args.datasets, EVAL_DATASETS, "dataset")
     path = Path(args.model)
-    if args.target == "tensorrt" and not args.plan:
+    if _cli_target(args) is Target.TRT and not args.plan:
         raise ConfigError(
             "--target tensorrt evaluates the TensorRT variant's reference of a --plan; an .onnx "
             "or .engine file already is one target's graph"
@@ -242,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
         max_positions, model_dir = model.shape.max_positions, model.directory
         backend = "pytorch-reference" if plan is not None else "pytorch-fp"
         logits_fn = ReferenceModel(model, plan)
-        if plan is not None and args.target == "tensorrt":
+        if plan is not None and _cli_target(args) is Target.TRT:
             from rptq.runtime.trt_reference import TrtReferenceModel
 
             backend, logits_fn = "pytorch-reference-tensorrt", TrtReferenceModel(model, plan)
@@ -283,7 +288,7 @@ def cmd_check(args: argparse.Namespace) -> Summary:
     path = Path(args.onnx)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
-    violations = check_file(path, "trt" if args.target == "tensorrt" else "ort")
+    violations = check_file(path, _cli_target(args))
     failed = errors(violations)
     summary: Summary = {
         "model": str(path),
@@ -318,7 +323,7 @@ def cmd_build_engine(args: argparse.Namespace) -> Summary:
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
     )
     import_tensorrt()  # fail in a second, before the check of a large model
-    failed = errors(check_file(source, "trt"))
+    failed = errors(check_file(source, Target.TRT))
     if failed:
         from rptq.errors import TargetRuleError
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -21,22 +21,27 @@ import numpy as np
 from numpy.typing import NDArray
 
 from rptq.errors import ConfigError, PlanError
+from rptq.plan_weights import (  # re-exported: the weight entry and its parts
+    BinaryCode as BinaryCode,
+)
 from rptq.plan_weights import (
-    BinaryCode,
-    LowRank,
+    LowRank as LowRank,
+)
+from rptq.plan_weights import (
+    WeightQuant as WeightQuant,
+)
+from rptq.plan_weights import (
     binary_from,
-    check_weight_extras,
-    extra_json,
-    extra_tensors,
     folded_from,
     group_count,
     groups_from,
     lorc_from,
-    weight_values,
 )
 from rptq.points import (
     DEFAULT_CLUSTERS,
     KV_ACTS,
+    LINEAR_INPUT_SITE,
+    LINEAR_OUTPUT_SITE,
     QUANTIZED_ACTS,
     REORDERS,
     SITE_OF,
@@ -51,7 +56,31 @@ SCHEMA_VERSION = 1
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "tensors.safetensors"
 ABITS_CHOICES = (3, 4, 8, 16)
-TARGETS = ("ort", "trt")  # the runtime a plan's weights are calibrated for (CLI: ort, tensorrt)
+
+
+class Target(StrEnum):
+    """The runtime a graph is exported for, and that a plan's weights are calibrated for.
+
+    Defined once, here: the recipe, the passes, the checker, the exporter and the CLI all use
+    it. The plan file and the API spell TensorRT "trt"; the CLI spells it "tensorrt", mapped
+    only by `from_cli` and `cli`.
+    """
+
+    ORT = "ort"  # ONNX Runtime: per-cluster asymmetric Q/DQ (the default export)
+    TRT = "trt"  # TensorRT: the exact variant of docs/tensorrt-rules.md, "Implementation"
+
+    @classmethod
+    def from_cli(cls, spelling: str) -> Target:
+        """The target a `--target` value names (ort, tensorrt)."""
+        return {target.cli: target for target in cls}[spelling]
+
+    @property
+    def cli(self) -> str:
+        """How the CLI spells this target (`--target ort|tensorrt`)."""
+        return "tensorrt" if self is Target.TRT else "ort"
+
+
+CLI_TARGETS = tuple(target.cli for target in Target)  # argparse choices of --target
 
 
 class Granularity(StrEnum):
@@ -106,13 +135,14 @@ class Recipe:
     # "trt": weights are quantized as the TensorRT variant's graph holds them (activation
     # scales folded into their input channels, symmetric codes; plan_weights, "Folded input
     # scale"). Written to plan.json only when "trt", so plans without it load as "ort".
-    target: str = "ort"
+    target: Target = Target.ORT
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
+        if self.target not in {t.value for t in Target}:
             raise ConfigError(
                 f"target {self.target!r} is not supported; use ort or tensorrt (plan: 'trt')"
             )
+        object.__setattr__(self, "target", Target(self.target))
         if not (2 <= self.wbits <= 8 or self.wbits == 16):
             raise ConfigError(f"--wbits {self.wbits} is not supported; use 2..8, or 16 for float")
         if self.abits not in ABITS_CHOICES:
@@ -156,7 +186,7 @@ class Recipe:
             raise ConfigError("--act-order needs --weight-method gptq or gptqt")
         if self.weight_group_size < 0:
             raise ConfigError(f"--weight-group-size must be >= 0, got {self.weight_group_size}")
-        if self.target == "trt" and self.weight_group_size:
+        if self.target is Target.TRT and self.weight_group_size:
             raise ConfigError(
                 "--weight-group-size is not supported with --target tensorrt (TensorRT takes "
                 "per-channel INT8 weights; its INT4 blocks repeat per-channel scales); "
@@ -213,54 +243,6 @@ class ActQuant:
         return f"layers.{self.layer}.act.{self.act}"
 
 
-@dataclass(frozen=True, slots=True)
-class WeightQuant:
-    """Integer codes of one linear weight [out, in] (Hugging Face layout), per-row scale/zero.
-
-    `binary` (GPTQT) replaces the linear dequantization by binary planes; `lorc` adds a
-    low-rank correction. Either is None for plain RTN/GPTQ codes. With `group_index`, scale
-    and zero are [out, groups] and input channel j uses column group_index[j] (groups are
-    contiguous blocks in the exported graph's channel order, see plan_weights). With
-    `folded_scale` (plans calibrated for TensorRT) everything above stands for W·diag(c),
-    c = folded_scale, with symmetric codes (zero 0) unless binary.
-    """
-
-    fqn: str
-    bits: int
-    codes: NDArray[np.int8]
-    scale: NDArray[np.float32]
-    zero: NDArray[np.int32]
-    binary: BinaryCode | None = None
-    lorc: LowRank | None = None
-    group_index: NDArray[np.int32] | None = None  # [in]: scale column of each input channel
-    folded_scale: NDArray[np.float32] | None = None  # [in]: input scale folded in (TensorRT)
-
-    @property
-    def key(self) -> str:
-        return self.fqn
-
-    def values(self) -> NDArray[np.float32]:
-        """The float weight [out, in] this entry stands for (what the reference multiplies by),
-        in the model's own domain (a folded input scale divided back out)."""
-        return weight_values(
-            self.codes,
-            self.scale,
-            self.zero,
-            self.bits,
-            self.binary,
-            self.lorc,
-            self.group_index,
-            self.folded_scale,
-        )
-
-    def folded_values(self) -> NDArray[np.float32]:
-        """The weight [out, in] as the TensorRT variant's graph holds it: W·diag(folded_scale),
-        or values() when nothing was folded in."""
-        return weight_values(
-            self.codes, self.scale, self.zero, self.bits, self.binary, self.lorc, self.group_index
-        )
-
-
 @dataclass(frozen=True)
 class ModelRef:
     """Which model a plan belongs to."""
@@ -300,6 +282,77 @@ class QuantPlan:
                 return w
         return None
 
+    def layers(self) -> list[int]:
+        """The decoder layers the plan holds anything for, ascending.
+
+        Passes iterate these rather than range(num_layers): the streamed export
+        (rptq.exporter.stream) runs them on one layer's fragment with `for_layer(layer)`.
+        """
+        layers = {site.layer for site in self.sites} | {quant.layer for quant in self.acts}
+        layers |= {quant.layer for quant in self.weights}
+        return sorted(layers)
+
+    def for_layer(self, layer: int | None) -> QuantPlan:
+        """This plan with only what belongs to decoder layer `layer` (nothing for None)."""
+        return replace(
+            self,
+            sites=tuple(site for site in self.sites if site.layer == layer),
+            acts=tuple(quant for quant in self.acts if quant.layer == layer),
+            weights=tuple(w for w in self.weights if w.layer == layer),
+        )
+
+    def linear_perms(
+        self, layer: int, linear: str
+    ) -> tuple[NDArray[np.int64] | None, NDArray[np.int64] | None]:
+        """(input, output) permutations the fold applies to a linear; None where the plan has
+        no site for that reorder point (identity). Every weight pass reads this one mapping."""
+
+        def perm(point: Reorder | None) -> NDArray[np.int64] | None:
+            if point is None:
+                return None
+            try:
+                return self.site(layer, point).perm
+            except KeyError:
+                return None
+
+        return perm(LINEAR_INPUT_SITE.get(linear)), perm(LINEAR_OUTPUT_SITE.get(linear))
+
+    def check_target(self, target: Target) -> None:
+        """Refuse to export this plan for `target` when its weights are calibrated for the other.
+
+        A plan calibrated for TensorRT (recipe target "trt") holds codes of the folded weights
+        W·diag(s), symmetric per channel: the default export folds only permutations and would
+        misread them. Weights calibrated for ONNX Runtime stand for W, not for the folded
+        W·diag(s) the TensorRT variant multiplies by: plain RTN codes are re-quantized by RTN
+        (what RTN would compute anyway), but GPTQ/GPTQT codes, LoRC factors and weight groups
+        would lose what calibration optimized, so they need a plan calibrated for TensorRT.
+        """
+        if target is not Target.TRT:
+            if self.recipe.target is Target.TRT:
+                raise ConfigError(
+                    "plan was calibrated for --target tensorrt (weights folded with activation "
+                    "scales); export it with --target tensorrt, or recalibrate with --target ort"
+                )
+            return
+        if self.recipe.target is Target.TRT or not self.weights:
+            return
+        method = self.recipe.weight_method
+        extras = [
+            what
+            for what, present in (
+                ("GPTQT binary planes", any(w.binary is not None for w in self.weights)),
+                ("LoRC branches", any(w.lorc is not None for w in self.weights)),
+                ("weight groups", any(w.group_index is not None for w in self.weights)),
+            )
+            if present
+        ]
+        if method is not WeightMethod.RTN or extras:
+            what = ", ".join([f"{method} weights", *extras])
+            raise ConfigError(
+                f"plan was calibrated for ONNX Runtime ({what}), which the TensorRT variant "
+                "would re-quantize; recalibrate with --target tensorrt, or export with --target ort"
+            )
+
     def save(self, directory: Path, force: bool = False) -> None:
         """Write atomically: a temporary sibling directory renamed into place."""
         from safetensors.numpy import save_file
@@ -323,7 +376,7 @@ class QuantPlan:
             tensors[f"{w.key}.codes"] = w.codes.astype(np.int8)
             tensors[f"{w.key}.scale"] = w.scale.astype(np.float32)
             tensors[f"{w.key}.zero"] = w.zero.astype(np.int32)
-            tensors.update(extra_tensors(w.key, w.binary, w.lorc, w.group_index, w.folded_scale))
+            tensors.update(w.extra_tensors())
         # safetensors writes an array's memory as is: a Fortran-ordered one would load transposed
         tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         index = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()}
@@ -334,7 +387,8 @@ class QuantPlan:
         recipe["granularity"] = str(self.recipe.granularity)
         recipe["act_metric"] = str(self.recipe.act_metric)
         recipe["weight_method"] = str(self.recipe.weight_method)
-        if self.recipe.target == "ort":
+        recipe["target"] = str(self.recipe.target)
+        if self.recipe.target is Target.ORT:
             del recipe["target"]  # optional field: ORT plans stay readable by older rptq
         return {
             "schema_version": self.schema_version,
@@ -346,7 +400,7 @@ class QuantPlan:
                 {
                     "fqn": w.fqn,
                     "bits": w.bits,
-                    **extra_json(w.binary, w.lorc, w.group_index, w.folded_scale),
+                    **w.extra_json(),
                 }
                 for w in self.weights
             ],
@@ -399,16 +453,12 @@ def validate_plan(plan: QuantPlan, where: str) -> None:
         if w.codes.size and (int(w.codes.min()) < qmin or int(w.codes.max()) > qmax):
             raise PlanError(f"{where}: {w.key}.codes leave the {w.bits}-bit grid; {fix}")
         _check_scale(w.scale, f"{where}: {w.key}.scale")
-        check_weight_extras(
-            w.key,
-            w.codes.shape,
-            w.bits,
-            w.binary,
-            w.lorc,
-            f"{where}: ",
-            w.group_index,
-            w.folded_scale,
-        )
+        if w.layer >= plan.model.shape["num_layers"]:
+            raise PlanError(
+                f"{where}: plan weight {w.fqn} is not one of the six linears of an OPT decoder "
+                "layer"
+            )
+        w.check_extras(f"{where}: ")
         if w.folded_scale is not None and w.binary is None and np.any(w.zero != 0):
             raise PlanError(f"{where}: {w.key} is folded for TensorRT but not symmetric; {fix}")
 

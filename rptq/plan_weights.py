@@ -14,8 +14,9 @@ factors all stand for W'; `folded_scale` [in] (Hugging Face input order) is c, a
 weight is W'·diag(1/c). Storing c keeps the entry self-contained and lets the export check that
 the plan's activation scales are the ones the weight was calibrated with.
 
-Kept beside plan.py (which re-exports the types) so that the plan module stays about the
-reorder sites and the linear codes. On disk they are extra tensors under the weight's key
+Kept beside plan.py (which re-exports the types, `WeightQuant` included) so that the plan
+module stays about the reorder sites, the activations and the recipe. On disk they are extra
+tensors under the weight's key
 (`<fqn>.bcq.alpha|beta`, `<fqn>.lorc.u|v[.scale|.zero]`, `<fqn>.group_index`,
 `<fqn>.folded_scale`) and one extra JSON field per weight (`binary_planes`, `lorc_bits`,
 `groups`, `folded_input`); plans without them load unchanged (schema version 1).
@@ -23,13 +24,15 @@ reorder sites and the linear codes. On disk they are extra tensors under the wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from rptq import names
 from rptq.errors import PlanError
+from rptq.points import LINEARS
 from rptq.quant.bcq import binary_weight, planes_of
 from rptq.quant.lowrank import FACTOR_BITS, dequantize_factor, lowrank_product
 from rptq.quant.qparams import dequantize, grid_bounds
@@ -95,72 +98,142 @@ def group_count(group_index: NDArray[np.integer]) -> int:
     return int(group_index.max(initial=-1)) + 1
 
 
-def weight_values(
-    codes: NDArray[np.integer],
-    scale: NDArray[np.float32],
-    zero: NDArray[np.int32],
-    bits: int,
-    binary: BinaryCode | None,
-    lorc: LowRank | None,
-    group_index: NDArray[np.integer] | None = None,
-    folded_scale: NDArray[np.floating] | None = None,
-) -> NDArray[np.float32]:
-    """The float weight [out, in] a plan entry stands for, in float32.
+def linear_of_fqn(fqn: str) -> tuple[int, str]:
+    """(layer, linear) of a decoder linear's module path (`model.decoder.layers.3.fc1`)."""
+    index, _, linear = fqn.removeprefix(names.LAYER_PREFIX).partition(".")
+    if index.isdigit() and linear in LINEARS and names.module(int(index), linear) == fqn:
+        return int(index), linear
+    raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
 
-    Linear codes dequantize per row; a binary code replaces them by Σ α_i b_i + β; LoRC adds
-    Û V̂ᵀ. The export computes the same terms (the branch as a separate MatMul, so its sum is
-    reassociated: equal up to float rounding, not bit-equal). With a folded input scale c the
-    terms stand for W·diag(c), so the result is divided by c per input channel.
+
+@dataclass(frozen=True, slots=True)
+class WeightQuant:
+    """Integer codes of one linear weight [out, in] (Hugging Face layout), per-row scale/zero.
+
+    `binary` (GPTQT) replaces the linear dequantization by binary planes; `lorc` adds a
+    low-rank correction. Either is None for plain RTN/GPTQ codes. With `group_index`, scale
+    and zero are [out, groups] and input channel j uses column group_index[j] (groups are
+    contiguous blocks in the exported graph's channel order, see the module docstring). With
+    `folded_scale` (plans calibrated for TensorRT) everything above stands for W·diag(c),
+    c = folded_scale, with symmetric codes (zero 0) unless binary.
+
+    `layer` and `linear` are parsed from `fqn` once, here (PlanError if it is not one of a
+    decoder layer's six linears), so no caller parses the module path again.
     """
-    if binary is None and group_index is not None:
-        values = dequantize(codes, scale[:, group_index], zero[:, group_index])
-    elif binary is None:
-        values = dequantize(codes, scale[:, None], zero[:, None])
-    else:
-        planes = planes_of(binary_index(codes, bits), bits)
-        values = binary_weight(planes, binary.alpha, binary.beta, axis=0)
-    if lorc is not None:
-        values = values + lowrank_product(lorc.u.dequantized(), lorc.v.dequantized())
-    if folded_scale is not None:
-        values = values.astype(np.float32) / np.asarray(folded_scale, np.float32)[None, :]
-    return values.astype(np.float32)
 
+    fqn: str
+    bits: int
+    codes: NDArray[np.int8]
+    scale: NDArray[np.float32]
+    zero: NDArray[np.int32]
+    binary: BinaryCode | None = None
+    lorc: LowRank | None = None
+    group_index: NDArray[np.int32] | None = None  # [in]: scale column of each input channel
+    folded_scale: NDArray[np.float32] | None = None  # [in]: input scale folded in (TensorRT)
+    layer: int = field(init=False)
+    linear: str = field(init=False)
 
-def check_weight_extras(
-    key: str,
-    codes_shape: tuple[int, ...],
-    bits: int,
-    binary: BinaryCode | None,
-    lorc: LowRank | None,
-    where: str,
-    group_index: NDArray[np.integer] | None = None,
-    folded_scale: NDArray[np.floating] | None = None,
-) -> None:
-    """Shapes, ranges and finiteness of a weight's binary code, LoRC factors, groups and
-    folded input scale."""
-    rows, cols = codes_shape
-    if folded_scale is not None and (
-        folded_scale.shape != (cols,)
-        or not np.all(np.isfinite(folded_scale))
-        or np.any(folded_scale <= 0)
-    ):
-        raise PlanError(
-            f"{where}{key}.folded_scale must hold {cols} finite positive input scales; {FIX}"
-        )
-    if group_index is not None:
-        sizes = np.bincount(group_index, minlength=1) if group_index.size else np.zeros(0)
-        if group_index.shape != (cols,) or group_index.min(initial=0) < 0 or np.any(sizes == 0):
+    def __post_init__(self) -> None:
+        layer, linear = linear_of_fqn(self.fqn)
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "linear", linear)
+
+    @property
+    def key(self) -> str:
+        return self.fqn
+
+    def values(self) -> NDArray[np.float32]:
+        """The float weight [out, in] this entry stands for (what the reference multiplies by),
+        in the model's own domain (a folded input scale divided back out)."""
+        values = self.folded_values()
+        if self.folded_scale is not None:
+            values = values / np.asarray(self.folded_scale, np.float32)[None, :]
+        return values.astype(np.float32)
+
+    def folded_values(self) -> NDArray[np.float32]:
+        """The weight [out, in] as the TensorRT variant's graph holds it: W·diag(folded_scale),
+        or values() when nothing was folded in.
+
+        Linear codes dequantize per row (or per group); a binary code replaces them by
+        Σ α_i b_i + β; LoRC adds Û V̂ᵀ. The export computes the same terms (the branch as a
+        separate MatMul, so its sum is reassociated: equal up to float rounding, not bit-equal).
+        """
+        if self.binary is None and self.group_index is not None:
+            gi = self.group_index
+            values = dequantize(self.codes, self.scale[:, gi], self.zero[:, gi])
+        elif self.binary is None:
+            values = dequantize(self.codes, self.scale[:, None], self.zero[:, None])
+        else:
+            planes = planes_of(binary_index(self.codes, self.bits), self.bits)
+            values = binary_weight(planes, self.binary.alpha, self.binary.beta, axis=0)
+        if self.lorc is not None:
+            values = values + lowrank_product(self.lorc.u.dequantized(), self.lorc.v.dequantized())
+        return values.astype(np.float32)
+
+    def check_extras(self, where: str) -> None:
+        """Shapes, ranges and finiteness of the binary code, LoRC factors, groups and folded
+        input scale (PlanError naming `where`, e.g. the plan directory, on the first miss)."""
+        key, bits, binary, lorc = self.key, self.bits, self.binary, self.lorc
+        folded_scale, group_index = self.folded_scale, self.group_index
+        rows, cols = self.codes.shape
+        if folded_scale is not None and (
+            folded_scale.shape != (cols,)
+            or not np.all(np.isfinite(folded_scale))
+            or np.any(folded_scale <= 0)
+        ):
             raise PlanError(
-                f"{where}{key}.group_index must give each of {cols} inputs a group, every group "
-                f"used; {FIX}"
+                f"{where}{key}.folded_scale must hold {cols} finite positive input scales; {FIX}"
             )
+        if group_index is not None:
+            sizes = np.bincount(group_index, minlength=1) if group_index.size else np.zeros(0)
+            if group_index.shape != (cols,) or group_index.min(initial=0) < 0 or np.any(sizes == 0):
+                raise PlanError(
+                    f"{where}{key}.group_index must give each of {cols} inputs a group, every "
+                    f"group used; {FIX}"
+                )
+            if binary is not None:
+                raise PlanError(f"{where}{key}: binary codes have no groups; {FIX}")
         if binary is not None:
-            raise PlanError(f"{where}{key}: binary codes have no groups; {FIX}")
-    if binary is not None:
-        _check_binary(key, rows, bits, binary, where)
-    if lorc is not None:
-        for name, factor, length in (("u", lorc.u, rows), ("v", lorc.v, cols)):
-            _check_factor(f"{where}{key}.lorc.{name}", factor, length, lorc.rank)
+            _check_binary(key, rows, bits, binary, where)
+        if lorc is not None:
+            for name, factor, length in (("u", lorc.u, rows), ("v", lorc.v, cols)):
+                _check_factor(f"{where}{key}.lorc.{name}", factor, length, lorc.rank)
+
+    def extra_json(self) -> dict[str, int]:
+        """JSON fields of the entry that say which extra tensors it has."""
+        entry = {}
+        if self.folded_scale is not None:
+            entry["folded_input"] = 1
+        if self.group_index is not None:
+            entry["groups"] = group_count(self.group_index)
+        if self.binary is not None:
+            entry["binary_planes"] = self.binary.planes
+        if self.lorc is not None:
+            entry["lorc_bits"] = self.lorc.u.bits
+        return entry
+
+    def extra_tensors(self) -> dict[str, NDArray[Any]]:
+        """Tensors of the binary code (`<key>.bcq.*`), LoRC factors (`<key>.lorc.*`), groups
+        and the folded input scale (`<key>.folded_scale`)."""
+        key = self.key
+        out: dict[str, NDArray[Any]] = {}
+        if self.folded_scale is not None:
+            out[f"{key}.folded_scale"] = np.asarray(self.folded_scale, np.float32)
+        if self.group_index is not None:
+            out[f"{key}.group_index"] = np.asarray(self.group_index, np.int32)
+        if self.binary is not None:
+            out[f"{key}.bcq.alpha"] = self.binary.alpha.astype(np.float32)
+            out[f"{key}.bcq.beta"] = self.binary.beta.astype(np.float32)
+        if self.lorc is not None:
+            for name, factor in (("u", self.lorc.u), ("v", self.lorc.v)):
+                tensor = f"{key}.lorc.{name}"
+                if factor.scale is None or factor.zero is None:
+                    out[tensor] = np.asarray(factor.values, np.float32)
+                else:
+                    out[tensor] = np.asarray(factor.values, np.int8)
+                    out[f"{tensor}.scale"] = factor.scale.astype(np.float32)
+                    out[f"{tensor}.zero"] = factor.zero.astype(np.int32)
+        return out
 
 
 def _check_binary(key: str, rows: int, bits: int, binary: BinaryCode, where: str) -> None:
@@ -195,54 +268,6 @@ def _check_factor(what: str, factor: LowRankFactor, length: int, rank: int) -> N
         raise PlanError(f"{what} codes leave the 8-bit grid; {FIX}")
     if not np.all(np.isfinite(factor.scale)) or np.any(factor.scale <= 0):
         raise PlanError(f"{what}.scale has non-finite or non-positive values; {FIX}")
-
-
-def extra_json(
-    binary: BinaryCode | None,
-    lorc: LowRank | None,
-    group_index: NDArray[np.integer] | None,
-    folded_scale: NDArray[np.floating] | None = None,
-) -> dict[str, int]:
-    """JSON fields of a weight entry that say which extra tensors it has."""
-    entry = {}
-    if folded_scale is not None:
-        entry["folded_input"] = 1
-    if group_index is not None:
-        entry["groups"] = group_count(group_index)
-    if binary is not None:
-        entry["binary_planes"] = binary.planes
-    if lorc is not None:
-        entry["lorc_bits"] = lorc.u.bits
-    return entry
-
-
-def extra_tensors(
-    key: str,
-    binary: BinaryCode | None,
-    lorc: LowRank | None,
-    group_index: NDArray[np.integer] | None = None,
-    folded_scale: NDArray[np.floating] | None = None,
-) -> dict[str, NDArray[Any]]:
-    """Tensors of the binary code (`<key>.bcq.*`), LoRC factors (`<key>.lorc.*`), groups and
-    the folded input scale (`<key>.folded_scale`)."""
-    out: dict[str, NDArray[Any]] = {}
-    if folded_scale is not None:
-        out[f"{key}.folded_scale"] = np.asarray(folded_scale, np.float32)
-    if group_index is not None:
-        out[f"{key}.group_index"] = np.asarray(group_index, np.int32)
-    if binary is not None:
-        out[f"{key}.bcq.alpha"] = binary.alpha.astype(np.float32)
-        out[f"{key}.bcq.beta"] = binary.beta.astype(np.float32)
-    if lorc is not None:
-        for name, factor in (("u", lorc.u), ("v", lorc.v)):
-            tensor = f"{key}.lorc.{name}"
-            if factor.scale is None or factor.zero is None:
-                out[tensor] = np.asarray(factor.values, np.float32)
-            else:
-                out[tensor] = np.asarray(factor.values, np.int8)
-                out[f"{tensor}.scale"] = factor.scale.astype(np.float32)
-                out[f"{tensor}.zero"] = factor.zero.astype(np.int32)
-    return out
 
 
 def binary_from(entry: dict[str, Any], tensors: dict[str, NDArray[Any]]) -> BinaryCode | None:

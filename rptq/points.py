@@ -1,7 +1,7 @@
 """The places inside an OPT decoder layer where RPTQ reorders and quantizes activations.
 
 This table is the single description of RPTQ's reorder points (RPTQ paper, Fig. 4; see
-docs/algorithms in ../shared/docs, section 1). Calibration, the PyTorch reference, the ONNX
+docs/algorithms.md, section 1). Calibration, the PyTorch reference, the ONNX
 passes and the names all read it, so a point is added or changed here only.
 """
 

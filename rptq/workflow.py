@@ -10,7 +10,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import onnx
 import torch
@@ -18,7 +17,7 @@ import torch
 from rptq.calib.runner import calibrate
 from rptq.log import Progress
 from rptq.model.load import LoadedModel
-from rptq.plan import QuantPlan, Recipe
+from rptq.plan import QuantPlan, Recipe, Target
 from rptq.runtime.perplexity import PerplexityResult, perplexity
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def quantized_graph(
     plan: QuantPlan | None,
     dtype: str = "float32",
     opset: int = 21,
-    target: Literal["ort", "trt"] = "ort",
+    target: Target = Target.ORT,
     int4_block_size: int = 0,
 ) -> onnx.ModelProto:
     """The whole graph in memory, with the plan's reorders folded and its Q/DQ inserted (FP if
@@ -99,7 +98,7 @@ def export_onnx(
     dtype: str = "float32",
     opset: int = 21,
     force: bool = False,
-    target: Literal["ort", "trt"] = "ort",
+    target: Target = Target.ORT,
     int4_block_size: int = 0,
     external_data: bool | None = None,
 ) -> ExportSummary:

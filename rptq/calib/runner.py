@@ -58,6 +58,7 @@ from rptq.plan import (
     QuantPlan,
     Recipe,
     ReorderSite,
+    Target,
     WeightQuant,
     default_provenance,
 )
@@ -183,7 +184,7 @@ def calibrate(
             layer_acts = _calibrate_acts(
                 i, shards, layer_weights, shape, recipe, layer_sites, hessians
             )
-            adjust = trt_adjust(layer_acts, layer_sites) if recipe.target == "trt" else None
+            adjust = trt_adjust(layer_acts, layer_sites) if recipe.target is Target.TRT else None
             layer_wq = (
                 quantize_layer(i, layer_weights, recipe, layer_sites, hessians, adjust)
                 if recipe.wbits < 16

@@ -42,7 +42,6 @@ from rptq.quant.trt_weights import symmetric_codes, symmetric_max, symmetric_sca
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class LinearProblem:
     """One linear weight to quantize, as the exported graph will hold it.

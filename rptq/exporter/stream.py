@@ -13,7 +13,6 @@ it with `save_onnx(rptq.workflow.quantized_graph(...))` (tests/graph/test_stream
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from rptq.exporter.opt import (
 from rptq.exporter.parts import Part, layout_part, merge_records
 from rptq.exporter.save import OnnxWriter, copy_fields
 from rptq.model.load import LoadedModel
-from rptq.plan import QuantPlan
+from rptq.plan import QuantPlan, Target
 
 # progress(parts done, parts in all, bytes in the data file so far)
 ProgressFn = Callable[[int, int, int], None]
@@ -44,18 +43,6 @@ class StreamedExport:
 
     files: list[Path]
     op_counts: dict[str, int]
-
-
-def plan_for_layer(plan: QuantPlan, layer: int | None) -> QuantPlan:
-    """`plan` with only what belongs to decoder layer `layer` (nothing for None)."""
-    from rptq.passes.context import linear_of
-
-    return dataclasses.replace(
-        plan,
-        sites=tuple(site for site in plan.sites if site.layer == layer),
-        acts=tuple(quant for quant in plan.acts if quant.layer == layer),
-        weights=tuple(w for w in plan.weights if linear_of(plan, w.fqn)[0] == layer),
-    )
 
 
 def _fragments(
@@ -115,7 +102,7 @@ def export_streamed(
     dtype: ExportDtype = "float32",
     opset: int = 21,
     force: bool = False,
-    target: str = "ort",
+    target: Target = Target.ORT,
     int4_block_size: int = 0,
     external_data: bool | None = None,
     progress: ProgressFn | None = None,
@@ -146,8 +133,8 @@ def export_streamed(
                 part = _write_proto(fragment, writer)
             else:
                 ctx = PassContext(
-                    plan=plan_for_layer(plan, layer),
-                    target=target,  # type: ignore[arg-type]
+                    plan=plan.for_layer(layer),
+                    target=target,
                     opset=opset,
                     int4_block_size=int4_block_size,
                 )

@@ -23,14 +23,14 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of, linear_perms
+from rptq.passes.context import GraphIndex, PassContext, PassResult
 from rptq.passes.quantize_weights import (
     add_dequantize,
     check_relative_error,
     packed_nbytes,
     weight_matmul,
 )
-from rptq.plan import QuantPlan, WeightQuant
+from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.plan_weights import binary_index
 from rptq.quant.bcq import binary_weight, planes_of
 
@@ -43,7 +43,7 @@ def graph_order(
     plan: QuantPlan, layer: int, linear: str, in_ch: int, out_ch: int
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Rows (input channels) and columns (output channels) of the folded MatMul's B."""
-    rows, cols = linear_perms(plan, layer, linear)
+    rows, cols = plan.linear_perms(layer, linear)
     return (
         np.arange(in_ch, dtype=np.int64) if rows is None else rows.astype(np.int64),
         np.arange(out_ch, dtype=np.int64) if cols is None else cols.astype(np.int64),
@@ -57,7 +57,7 @@ def plane_nbytes(dtype: np.dtype, size: int) -> int:
 
 def plane_dtype(ctx: PassContext) -> np.dtype:
     """Integer type of the ±1 planes for this target and opset (see the module docstring)."""
-    if ctx.target == "trt":
+    if ctx.target is Target.TRT:
         return np.dtype(np.int8)
     if ctx.opset >= INT2_MIN_OPSET:
         return np.dtype(ml_dtypes.int2)
@@ -76,7 +76,7 @@ class _Prepared:
 def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepared:
     """Check one GPTQT weight and build its planes in the graph layout (no graph edits)."""
     assert quant.binary is not None
-    layer, linear = linear_of(plan, quant.fqn)
+    layer, linear = quant.layer, quant.linear
     node_names = names.binary_weight(quant.fqn, quant.bits)
     if node_names["plane0_node"] in index.nodes or node_names["plane0"] in index.tensors:
         raise GraphPatternError(f"node {node_names['plane0_node']} already exists: weights done")

@@ -25,9 +25,9 @@ from onnx import TensorProto
 
 from rptq.errors import ConfigError
 from rptq.passes.trt_view import ModelView
+from rptq.plan import Target
 
 Severity = Literal["error", "warning"]
-CheckTarget = Literal["trt", "ort"]
 
 MIN_OPSET, MAX_OPSET = 21, 25  # INT4/blocked Q/DQ need 21; TensorRT 11's parser reads up to 25
 TRT_QUANT_TYPES = {
@@ -437,7 +437,7 @@ def _onnx_checker(model: onnx.ModelProto | Path) -> Iterator[Violation]:
 
 def check_model(
     model: onnx.ModelProto,
-    target: CheckTarget = "trt",
+    target: Target = Target.TRT,
     base_dir: Path | None = None,
     path: Path | None = None,
 ) -> list[Violation]:
@@ -446,17 +446,17 @@ def check_model(
     `base_dir` is where external data lives (the model file's directory); `path`, when given,
     lets the ONNX checker read a model over 2 GiB from disk instead of from memory.
     """
-    if target not in ("trt", "ort"):
+    if target not in {t.value for t in Target}:
         raise ValueError(f"unknown check target {target!r}")
     violations = list(_onnx_checker(path if path is not None else model))
-    if target == "trt":
+    if target == Target.TRT:
         view = ModelView(model, base_dir)
         for rule in RULES:
             violations.extend(rule.check(view))
     return violations
 
 
-def check_file(path: Path, target: CheckTarget = "trt") -> list[Violation]:
+def check_file(path: Path, target: Target = Target.TRT) -> list[Violation]:
     """Check an ONNX file; weights stay on disk, scales and zero points are read one by one."""
     path = Path(path)
     try:

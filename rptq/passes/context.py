@@ -9,38 +9,40 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
 
-from rptq import names
-from rptq.errors import ConfigError, GraphPatternError, PlanError
-from rptq.plan import QuantPlan, ReorderSite
-from rptq.points import LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, LINEARS
+from rptq.errors import ConfigError, GraphPatternError
+from rptq.plan import QuantPlan, ReorderSite, Target
 
-Target = Literal["ort", "trt"]
 OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
 INT4_BLOCK_SIZES = (64, 128)  # TensorRT's INT4 weight blocks (docs/tensorrt-rules.md)
 
 
 @dataclass(frozen=True)
 class PassContext:
-    """The plan to apply and the runtime the graph is meant for."""
+    """The plan to apply and the runtime the graph is meant for.
+
+    Building one checks that the plan's weights were calibrated for this target
+    (QuantPlan.check_target), so every pass, run alone or in the pipeline, can rely on it.
+    """
 
     plan: QuantPlan
-    target: Target = "ort"
+    target: Target = Target.ORT
     opset: int = OPSET
     # target "trt" only: 0 stores weights as INT8 per output channel; 64 or 128 as INT4 with
     # that block size along the input dim (TensorRT's weight-only INT4 kernels)
     int4_block_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.target not in ("ort", "trt"):
+        if self.target not in {t.value for t in Target}:
             raise ConfigError(f"target must be 'ort' or 'trt', got {self.target!r}")
+        object.__setattr__(self, "target", Target(self.target))
         if self.int4_block_size and (
-            self.target != "trt" or self.int4_block_size not in INT4_BLOCK_SIZES
+            self.target is not Target.TRT or self.int4_block_size not in INT4_BLOCK_SIZES
         ):
             raise ConfigError(
                 f"--int4-block {self.int4_block_size} needs --target tensorrt and a block size "
@@ -50,6 +52,7 @@ class PassContext:
             raise ConfigError(
                 f"opset {self.opset} is too old: INT4/INT16 Q/DQ need opset {OPSET} or newer"
             )
+        self.plan.check_target(self.target)
 
 
 @dataclass(frozen=True)
@@ -174,44 +177,3 @@ def record_folded(graph: gs.Graph, sites: dict[str, str]) -> None:
     """Write the folded sites (key -> perm_digest) into the graph's doc_string."""
     line = FOLD_RECORD_PREFIX + " ".join(f"{key}={digest}" for key, digest in sites.items())
     graph.doc_string = f"{graph.doc_string}\n{line}" if graph.doc_string else line
-
-
-def linear_of(plan: QuantPlan, fqn: str) -> tuple[int, str]:
-    """(layer, linear) of a plan weight's module path.
-
-    Parsed rather than searched: the streamed export asks for every weight once per layer.
-    """
-    index, _, linear = fqn.removeprefix(names.LAYER_PREFIX).partition(".")
-    if index.isdigit() and linear in LINEARS:
-        layer = int(index)
-        if layer < plan.model.shape["num_layers"] and names.module(layer, linear) == fqn:
-            return layer, linear
-    raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
-
-
-def plan_layers(plan: QuantPlan) -> list[int]:
-    """The decoder layers the plan holds anything for, ascending.
-
-    Passes iterate these rather than range(num_layers): the streamed export (rptq.exporter.stream)
-    runs them on one layer's fragment with the plan restricted to that layer.
-    """
-    layers = {site.layer for site in plan.sites} | {quant.layer for quant in plan.acts}
-    layers |= {linear_of(plan, quant.fqn)[0] for quant in plan.weights}
-    return sorted(layers)
-
-
-def linear_perms(
-    plan: QuantPlan, layer: int, linear: str
-) -> tuple[NDArray[np.int64] | None, NDArray[np.int64] | None]:
-    """(input, output) permutations the fold applied to a linear; None where the plan has no
-    site for that reorder point (identity). Every weight pass reads this one mapping."""
-
-    def perm(point: object) -> NDArray[np.int64] | None:
-        if point is None:
-            return None
-        try:
-            return plan.site(layer, point).perm  # type: ignore[arg-type]
-        except KeyError:
-            return None
-
-    return perm(LINEAR_INPUT_SITE.get(linear)), perm(LINEAR_OUTPUT_SITE.get(linear))

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.binary_weights import graph_order
-from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of
+from rptq.passes.context import GraphIndex, PassContext, PassResult
 from rptq.passes.quantize_weights import add_dequantize, packed_nbytes
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.plan_weights import LowRankFactor
@@ -134,7 +134,7 @@ def lowrank_branches(graph: gs.Graph, ctx: PassContext) -> PassResult:
     items = [(quant, *_check(index, plan, quant)) for quant in compensated]
     added_bytes = 0
     for quant, matmul, add in items:
-        layer, linear = linear_of(plan, quant.fqn)
+        layer, linear = quant.layer, quant.linear
         out_ch, in_ch = quant.codes.shape
         rows, cols = graph_order(plan, layer, linear, in_ch, out_ch)
         dtype = np.dtype(add.inputs[1].dtype)

@@ -15,14 +15,14 @@ import onnx_graphsurgeon as gs
 
 from rptq.errors import ConfigError, GraphPatternError, PlanError
 from rptq.passes.binary_weights import binary_weights
-from rptq.passes.context import Pass, PassContext, PassResult, Target
+from rptq.passes.context import Pass, PassContext, PassResult
 from rptq.passes.fold_reorder import fold_reorder
 from rptq.passes.insert_qdq import insert_act_qdq
 from rptq.passes.lowrank import lowrank_branches
 from rptq.passes.quantize_weights import quantize_weights, wrap_packed_constants
-from rptq.passes.trt_acts import check_ort_plan, check_trt_plan
 from rptq.passes.trt_fold import trt_fold
 from rptq.passes.trt_qdq import trt_insert_qdq
+from rptq.plan import Target
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ META_CONFIG_HASH = "rptq.config_hash"  # written by rptq.exporter.opt
 
 def passes_for(target: Target) -> tuple[Pass, ...]:
     """The ordered passes of a target ("ort": PASSES, "trt": TRT_PASSES)."""
-    return TRT_PASSES if target == "trt" else PASSES
+    return TRT_PASSES if target is Target.TRT else PASSES
 
 
-def pass_names(target: Target = "ort") -> tuple[str, ...]:
+def pass_names(target: Target = Target.ORT) -> tuple[str, ...]:
     """Names accepted by `stop_after`, in order."""
     return tuple(p.__name__ for p in passes_for(target))
 
@@ -123,11 +123,6 @@ def transform_graph(
         raise ConfigError(
             f"unknown pass {stop_after!r} for --stop-after; choose one of {', '.join(names)}"
         )
-    # a plan's weights are calibrated for one target (Recipe.target); refuse the other
-    if ctx.target == "trt":
-        check_trt_plan(ctx.plan)
-    else:
-        check_ort_plan(ctx.plan)
     _check_model(model, ctx)
     graph = gs.import_onnx(model)
     results: list[PassResult] = []

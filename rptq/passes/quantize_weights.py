@@ -26,7 +26,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import GraphIndex, PassContext, PassResult, linear_of, linear_perms
+from rptq.passes.context import GraphIndex, PassContext, PassResult
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.quant.fold import permute_weight_codes
 from rptq.quant.groups import grouped_weight_layout
@@ -122,14 +122,14 @@ def weight_matmul(index: GraphIndex, quant: WeightQuant) -> tuple[gs.Node, gs.Co
 
 def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepared:
     """Check one weight and build its codes in the graph layout (no graph edits)."""
-    layer, linear = linear_of(plan, quant.fqn)
+    layer, linear = quant.layer, quant.linear
     qw = names.quantized_weight(quant.fqn)
     if qw["node"] in index.nodes or qw["codes"] in index.tensors:
         raise GraphPatternError(f"node {qw['node']} already exists: weights already quantized")
     matmul, weight = weight_matmul(index, quant)
     out_ch, in_ch = quant.codes.shape
     dtype = np.dtype(weight.dtype)
-    in_perm, out_perm = linear_perms(plan, layer, linear)
+    in_perm, out_perm = plan.linear_perms(layer, linear)
     block = 0
     if quant.group_index is None:
         codes, scale, zero = permute_weight_codes(

@@ -17,9 +17,9 @@ import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
 
 from rptq import names
-from rptq.errors import ConfigError, GraphPatternError, PlanError
+from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.context import check_site_folded
-from rptq.plan import ActQuant, QuantPlan, WeightMethod
+from rptq.plan import ActQuant, QuantPlan
 from rptq.points import SITE_OF, Act
 from rptq.quant.clusters import expand_to_positions
 
@@ -123,47 +123,6 @@ def record_trt_folded(graph: gs.Graph, acts: dict[str, str]) -> None:
     """Write what trt_fold folded into the graph's doc_string (it survives export/import)."""
     line = TRT_RECORD_PREFIX + " ".join(f"{key}={digest}" for key, digest in acts.items())
     graph.doc_string = f"{graph.doc_string}\n{line}" if graph.doc_string else line
-
-
-def check_trt_plan(plan: QuantPlan) -> None:
-    """Refuse a plan whose weights the TensorRT variant cannot export as calibrated.
-
-    Weights calibrated for ONNX Runtime (recipe target "ort") stand for W, not for the folded
-    W·diag(s) the variant multiplies by: plain RTN codes are re-quantized by RTN (what RTN
-    would compute anyway), but GPTQ/GPTQT codes, LoRC factors and weight groups would lose
-    what calibration optimized, so they need a plan calibrated with --target tensorrt.
-    """
-    if plan.recipe.target == "trt" or not plan.weights:
-        return
-    method = plan.recipe.weight_method
-    extras = [
-        what
-        for what, present in (
-            ("GPTQT binary planes", any(w.binary is not None for w in plan.weights)),
-            ("LoRC branches", any(w.lorc is not None for w in plan.weights)),
-            ("weight groups", any(w.group_index is not None for w in plan.weights)),
-        )
-        if present
-    ]
-    if method is not WeightMethod.RTN or extras:
-        what = ", ".join([f"{method} weights", *extras])
-        raise ConfigError(
-            f"plan was calibrated for ONNX Runtime ({what}), which the TensorRT variant "
-            "would re-quantize; recalibrate with --target tensorrt, or export with --target ort"
-        )
-
-
-def check_ort_plan(plan: QuantPlan) -> None:
-    """Refuse a plan calibrated for TensorRT on the default (ONNX Runtime) target.
-
-    Its codes stand for the folded weights W·diag(s) of the TensorRT variant, symmetric per
-    channel; the default export folds only permutations and would misread them.
-    """
-    if plan.recipe.target == "trt":
-        raise ConfigError(
-            "plan was calibrated for --target tensorrt (weights folded with activation scales); "
-            "export it with --target tensorrt, or recalibrate with --target ort"
-        )
 
 
 def float_dtype(tensor: gs.Tensor, where: str) -> np.dtype:

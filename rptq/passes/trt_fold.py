@@ -32,7 +32,6 @@ from rptq.passes.context import (
     PassContext,
     PassResult,
     folded_sites,
-    plan_layers,
     rewire_consumers,
 )
 from rptq.passes.insert_qdq import graph_float_dtype
@@ -45,7 +44,6 @@ from rptq.passes.trt_acts import (
     act_vectors,
     as_dtype,
     check_act_folded,
-    check_trt_plan,
     is_trt_folded,
     record_trt_folded,
 )
@@ -229,8 +227,7 @@ def trt_fold(graph: gs.Graph, ctx: PassContext) -> PassResult:
     plan's permutation, this pass has not run yet, and every node and initializer it touches
     matches docs/graph.md.
     """
-    plan = ctx.plan
-    check_trt_plan(plan)
+    plan = ctx.plan  # its weights fit this target: PassContext checked (QuantPlan.check_target)
     if not plan.acts and not plan.weights:
         return PassResult(trt_fold.__name__)
     if is_trt_folded(graph):
@@ -240,7 +237,7 @@ def trt_fold(graph: gs.Graph, ctx: PassContext) -> PassResult:
     folded = folded_sites(graph)
     edits: list[Edit] = []
     counts = {"layernorms": 0, "pointwise_nodes": 0, "linears": 0, "weight_bytes_after": 0}
-    for layer in plan_layers(plan):
+    for layer in plan.layers():
         vectors: dict[Act, ActVectors] = {}
         for quant in plan.acts:
             if quant.layer == layer:

@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 from rptq import names
 from rptq.errors import ConfigError, GraphPatternError, PlanError
 from rptq.passes.binary_weights import PLANE_AXIS, add_plane_products, graph_planes, plane_tensors
-from rptq.passes.context import GraphIndex, linear_perms
+from rptq.passes.context import GraphIndex
 from rptq.passes.lowrank import add_branch
 from rptq.passes.quantize_weights import (
     add_dequantize,
@@ -42,7 +42,7 @@ from rptq.passes.trt_acts import (
     as_dtype,
     float_dtype,
 )
-from rptq.plan import QuantPlan, WeightQuant
+from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.points import LINEAR_INPUT_ACT, Act
 from rptq.quant.bcq import binary_weight
 from rptq.quant.trt_weights import (
@@ -163,7 +163,7 @@ def plan_linear(fold: LayerFold, linear: str) -> tuple[Edit, int] | None:
             found.bias.values = new_b
 
         return edit_float, new_w.nbytes
-    rows, cols = linear_perms(fold.plan, fold.layer, linear)
+    rows, cols = fold.plan.linear_perms(fold.layer, linear)
     order = _order(rows, in_ch), _order(cols, out_ch)
     # the plan's weight must stand for the graph's: catches a wrong permutation
     check_relative_error(found.weight, quant.values().T[np.ix_(*order)])
@@ -308,13 +308,13 @@ def _weight(
     """The variant's weight in graph order, plus the plan's codes/zeros in graph order.
 
     Only an RTN plan calibrated for ONNX Runtime may be re-quantized here (trt_acts.
-    check_trt_plan refuses the others); every other plan's codes are used as calibrated.
+    QuantPlan.check_target refuses the others); every other plan's codes are used as calibrated.
     """
     codes = np.ascontiguousarray(quant.codes.T[np.ix_(*order)])
     scale, zero = quant.scale[order[1]], quant.zero[order[1]]
     folded = None if quant.folded_scale is None else quant.folded_scale[order[0]]
     w32 = np.asarray(weight.values, np.float32)
-    may_requantize = fold.plan.recipe.target == "ort" and quant.lorc is None
+    may_requantize = fold.plan.recipe.target is Target.ORT and quant.lorc is None
     try:
         sym = trt_weight(w32.T, codes.T, scale, zero, quant.bits, in_scale, folded, may_requantize)
     except ValueError as exc:

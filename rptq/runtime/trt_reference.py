@@ -21,8 +21,7 @@ from rptq.model.fakequant import FakeQuantTap
 from rptq.model.forward import LayerWeights, Tap, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.weights import layer_prefix
-from rptq.passes.trt_acts import check_trt_plan
-from rptq.plan import QuantPlan, WeightQuant
+from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.points import LINEAR_INPUT_ACT, LINEARS, SITE_OF
 from rptq.quant.clusters import expand_to_channels
 from rptq.quant.trt_weights import trt_weight
@@ -43,7 +42,7 @@ def input_scale(plan: QuantPlan, layer: int, linear: str) -> np.ndarray | None:
 
 
 def variant_weight(
-    quant: WeightQuant, original: np.ndarray, in_scale: np.ndarray | None, target: str
+    quant: WeightQuant, original: np.ndarray, in_scale: np.ndarray | None, target: Target
 ) -> np.ndarray:
     """The model-domain weight [out, in] (float32) the variant's graph multiplies X̂ by.
 
@@ -69,7 +68,7 @@ def variant_weight(
             quant.zero,
             quant.bits,
             in_scale,
-            may_requantize=target == "ort",
+            may_requantize=target is Target.ORT,
         )
     except ValueError as exc:
         raise PlanError(
@@ -103,7 +102,7 @@ class TrtReferenceModel(ReferenceModel):
 
     def __init__(self, model: LoadedModel, plan: QuantPlan | None = None) -> None:
         if plan is not None:
-            check_trt_plan(plan)
+            plan.check_target(Target.TRT)
         super().__init__(model, plan)
 
     def layer(self, index: int) -> tuple[LayerWeights, Tap]:

@@ -12,7 +12,7 @@ from rptq import names
 from rptq.exporter.opt import head_fragment, layer_fragment, prologue_fragment
 from rptq.exporter.parts import part_key, split_parts, topological_nodes
 from rptq.exporter.save import save_onnx
-from rptq.exporter.stream import export_streamed, plan_for_layer
+from rptq.exporter.stream import export_streamed
 from rptq.workflow import quantized_graph
 from tests.conftest import TINY_CLUSTERS
 
@@ -138,12 +138,12 @@ def test_topological_order_ignores_the_input_order(tiny_loaded, w4a4_plan):
 
 
 def test_plan_for_layer_keeps_only_that_layer(w4a4_plan):
-    one = plan_for_layer(w4a4_plan, 1)
+    one = w4a4_plan.for_layer(1)
     assert {s.layer for s in one.sites} == {1}
     assert {a.layer for a in one.acts} == {1}
     assert all(w.fqn.startswith(names.layer(1) + ".") for w in one.weights)
     assert len(one.weights) == 6
-    none = plan_for_layer(w4a4_plan, None)
+    none = w4a4_plan.for_layer(None)
     assert not none.sites
     assert not none.acts
     assert not none.weights
@@ -161,12 +161,19 @@ def test_streamed_export_runs_in_ort_like_the_reference(tiny_loaded, w4a4_plan, 
     np.testing.assert_array_equal(streamed, whole)
 
 
-def test_linear_of_parses_only_the_plans_own_linears(w4a4_plan):
-    from rptq.errors import PlanError
-    from rptq.passes.context import linear_of
+def test_weight_entries_know_their_layer_and_linear(w4a4_plan):
+    import dataclasses
 
-    assert linear_of(w4a4_plan, names.module(1, "fc2")) == (1, "fc2")
-    assert linear_of(w4a4_plan, names.module(0, "self_attn.q_proj")) == (0, "self_attn.q_proj")
-    for fqn in ("model.decoder.layers.2.fc2", "model.decoder.layers.01.fc2", "lm_head", "fc1"):
+    from rptq.errors import PlanError
+    from rptq.plan import validate_plan
+
+    fc2 = w4a4_plan.weight(names.module(1, "fc2"))
+    q_proj = w4a4_plan.weight(names.module(0, "self_attn.q_proj"))
+    assert (fc2.layer, fc2.linear) == (1, "fc2")
+    assert (q_proj.layer, q_proj.linear) == (0, "self_attn.q_proj")
+    for fqn in ("model.decoder.layers.01.fc2", "lm_head", "fc1"):
         with pytest.raises(PlanError, match="six linears"):
-            linear_of(w4a4_plan, fqn)
+            dataclasses.replace(fc2, fqn=fqn)
+    beyond = dataclasses.replace(fc2, fqn="model.decoder.layers.2.fc2")
+    with pytest.raises(PlanError, match="six linears"):
+        validate_plan(dataclasses.replace(w4a4_plan, weights=(beyond,)), "test")

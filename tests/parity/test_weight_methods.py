@@ -19,7 +19,7 @@ from rptq import names
 from rptq.errors import ConfigError, GraphPatternError
 from rptq.exporter.opt import build_fp_graph
 from rptq.passes.binary_weights import graph_order
-from rptq.passes.context import PassContext, linear_of
+from rptq.passes.context import PassContext
 from rptq.passes.pipeline import run_passes
 from rptq.plan import QuantPlan
 from rptq.plan_weights import BinaryCode
@@ -107,8 +107,9 @@ def graph_weight(graph: onnx.ModelProto, fqn: str, ids: torch.Tensor) -> np.ndar
 def reference_weight(plan: QuantPlan, fqn: str) -> np.ndarray:
     """The reference's weight without its LoRC term, in the graph layout [in, out]."""
     quant = dataclasses.replace(plan.weight(fqn), lorc=None)
-    layer, linear = linear_of(plan, fqn)
-    rows, cols = graph_order(plan, layer, linear, quant.codes.shape[1], quant.codes.shape[0])
+    rows, cols = graph_order(
+        plan, quant.layer, quant.linear, quant.codes.shape[1], quant.codes.shape[0]
+    )
     return quant.values().T[np.ix_(rows, cols)]
 
 

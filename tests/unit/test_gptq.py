@@ -12,6 +12,8 @@ from rptq.points import Act
 from rptq.quant.qparams import dequantize, grid_bounds, quantize_rows
 from rptq.runtime.reference import ReferenceModel
 
+FQN = "model.decoder.layers.0.fc1"  # a plan entry is always one of a layer's linears
+
 
 def correlated_problem(seed: int, rows: int = 32, cols: int = 64, tokens: int = 512):
     """W [rows, cols], inputs X [tokens, cols] with mixed, unevenly scaled channels, H = 2XᵀX/n."""
@@ -97,12 +99,12 @@ def test_permuted_columns_match_a_sweep_in_graph_order():
     perm = np.random.default_rng(0).permutation(w.shape[1])
     recipe = Recipe(wbits=3, weight_method="gptq")
     stored = quantize_linear(
-        LinearProblem("m", torch.from_numpy(w), hessian, perm.astype(np.int64)), recipe
+        LinearProblem(FQN, torch.from_numpy(w), hessian, perm.astype(np.int64)), recipe
     )
     index = torch.from_numpy(perm)
     _, swept, _, _ = gptq(w[:, perm], hessian[index][:, index], 3)
     np.testing.assert_array_equal(stored.codes[:, perm], swept)
-    plain = quantize_linear(LinearProblem("m", torch.from_numpy(w), hessian, None), recipe)
+    plain = quantize_linear(LinearProblem(FQN, torch.from_numpy(w), hessian, None), recipe)
     assert not np.array_equal(plain.codes, stored.codes)  # the order matters
 
 
@@ -149,7 +151,7 @@ def test_grouped_rtn_quantizes_each_block_of_the_graph_order():
     w, _, _ = correlated_problem(6)
     perm = np.random.default_rng(1).permutation(w.shape[1]).astype(np.int64)
     quant = quantize_linear(
-        LinearProblem("m", torch.from_numpy(w), None, perm), Recipe(wbits=3, weight_group_size=16)
+        LinearProblem(FQN, torch.from_numpy(w), None, perm), Recipe(wbits=3, weight_group_size=16)
     )
     assert quant.scale.shape == (w.shape[0], 4)
     assert quant.group_index.shape == (w.shape[1],)
@@ -165,7 +167,7 @@ def test_grouped_rtn_quantizes_each_block_of_the_graph_order():
 def test_grouped_gptq_beats_per_row_gptq():
     """Dynamic groups (GPTQ's default): each group's grid is fit when the sweep reaches it."""
     w, x, hessian = correlated_problem(7)
-    problem = LinearProblem("m", torch.from_numpy(w), hessian, None)
+    problem = LinearProblem(FQN, torch.from_numpy(w), hessian, None)
     rows = quantize_linear(problem, Recipe(wbits=3, weight_method="gptq"))
     grouped = quantize_linear(problem, Recipe(wbits=3, weight_method="gptq", weight_group_size=8))
     error_rows = np.linalg.norm(x @ w.T - x @ rows.values().T)
@@ -178,7 +180,7 @@ def test_act_order_groups_keep_the_static_grid_of_the_float_weight():
     in the graph stays contiguous blocks whatever order the sweep visits the columns in."""
     w, _, hessian = correlated_problem(8)
     recipe = Recipe(wbits=3, weight_method="gptq", act_order=True, weight_group_size=16)
-    quant = quantize_linear(LinearProblem("m", torch.from_numpy(w), hessian, None), recipe)
+    quant = quantize_linear(LinearProblem(FQN, torch.from_numpy(w), hessian, None), recipe)
     for k in range(4):
         _, scale, zero = quantize_rows(w[:, 16 * k : 16 * (k + 1)], 3)
         np.testing.assert_array_equal(quant.scale[:, k], scale)

@@ -15,6 +15,8 @@ from rptq.quant import bcq
 from rptq.quant.qparams import dequantize, quantize, quantize_rows
 from tests.unit.test_gptq import correlated_problem, gptq
 
+FQN = "model.decoder.layers.0.fc1"  # a plan entry is always one of a layer's linears
+
 
 def histogram(levels_by_row: list[list[int]], qmin: int, count: int) -> np.ndarray:
     hist = np.zeros((len(levels_by_row), count))
@@ -105,7 +107,7 @@ def test_merged_weights_equal_the_integer_level_map():
 def test_binary_planes_spell_the_integer_codes_exactly(bits):
     w, _, hessian = correlated_problem(1)
     result = gptqt_quantize(torch.from_numpy(w), hessian, bits, 0.01, 128, False)
-    quant = WeightQuant("m", bits, result.codes.astype(np.int8), result.scale, result.zero,
+    quant = WeightQuant(FQN, bits, result.codes.astype(np.int8), result.scale, result.zero,
                         result.binary)  # fmt: skip
     planes = bcq.planes_of(binary_index(quant.codes, bits), bits)
     np.testing.assert_array_equal(bcq.index_of_planes(planes) - 2 ** (bits - 1), quant.codes)
@@ -137,7 +139,7 @@ def step3_only_error(w, x, hessian, bits):
 def test_gptqt_output_error_below_gptq_and_its_own_first_steps(bits, seed):
     w, x, hessian = correlated_problem(seed)
     result = gptqt_quantize(torch.from_numpy(w), hessian, bits, 0.01, 128, False)
-    ours = WeightQuant("m", bits, result.codes.astype(np.int8), result.scale, result.zero,
+    ours = WeightQuant(FQN, bits, result.codes.astype(np.int8), result.scale, result.zero,
                        result.binary).values()  # fmt: skip
     _, gptq_codes_, scale, zero = gptq(w, hessian, bits)
     error = np.linalg.norm(x @ w.T - x @ ours.T)

@@ -15,11 +15,13 @@ from rptq.plan_weights import LowRank, LowRankFactor
 from rptq.quant.lowrank import lowrank_factors, lowrank_product
 from rptq.quant.qparams import dequantize, quantize_rows
 
+FQN = "model.decoder.layers.0.fc1"  # a plan entry is always one of a layer's linears
+
 
 def quantized(seed: int, rows: int = 48, cols: int = 32, bits: int = 3):
     w = np.random.default_rng(seed).normal(size=(rows, cols)).astype(np.float32)
     codes, scale, zero = quantize_rows(w, bits)
-    return w, WeightQuant("m", bits, codes, scale, zero)
+    return w, WeightQuant(FQN, bits, codes, scale, zero)
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(48, 32), (32, 48)])

@@ -16,6 +16,8 @@ from rptq.points import Act
 from rptq.quant.trt_weights import requantize_folded
 from tests.unit.test_gptq import correlated_problem
 
+FQN = "model.decoder.layers.0.fc1"  # a plan entry is always one of a layer's linears
+
 
 def folded_problem(seed: int, **recipe_fields):
     """A correlated problem with uneven activation scales c (as RPTQ clusters give)."""
@@ -81,10 +83,10 @@ def test_folded_lorc_factors_are_symmetric_and_fit_the_folded_error():
 def test_an_unfolded_problem_keeps_its_grid_and_gets_symmetric_factors():
     """A16/KV-only linears: the variant keeps the plan's asymmetric codes (C − z as INT8)."""
     w, _, _, _, _ = folded_problem(3)
-    problem = fold_problem(LinearProblem("x", torch.from_numpy(w), None, None), None)
+    problem = fold_problem(LinearProblem(FQN, torch.from_numpy(w), None, None), None)
     recipe = Recipe(wbits=4, lorc_rank=4, lorc_bits=8, target="trt")
     quant = quantize_linear(problem, recipe)
-    ort = quantize_linear(LinearProblem("x", torch.from_numpy(w), None, None), Recipe(wbits=4))
+    ort = quantize_linear(LinearProblem(FQN, torch.from_numpy(w), None, None), Recipe(wbits=4))
     np.testing.assert_array_equal(quant.codes, ort.codes)
     assert quant.folded_scale is None
     assert not quant.lorc.v.zero.any()
