@@ -6,11 +6,11 @@ data for each recipe, the ONNX Runtime and TensorRT variants, fp32/fp16/INT4-blo
 the streamed export and the whole graph built in memory.
 
 Independent of the machine by construction:
-- The plans are built with numpy only (tests/plans.py: seeded random permutations, clusters
-  and activation scales; RTN codes of the real weights), not calibrated: calibration runs
-  BLAS matmuls whose last-bit rounding depends on the CPU and the thread count. GPTQ, GPTQT,
-  LoRC, weight groups and TensorRT-calibrated weights are stand-ins built elementwise from RTN
-  codes (same entry layout and export path as the real methods' entries).
+- The plans are built with numpy only (tests/plans.py, `stand_in_plans`: seeded random
+  permutations, clusters and activation scales; RTN codes of the real weights), not
+  calibrated: calibration runs BLAS matmuls whose last-bit rounding depends on the CPU and the
+  thread count. GPTQ, GPTQT, LoRC, weight groups and TensorRT-calibrated weights are stand-ins
+  built elementwise from RTN codes (same entry layout and export path as the real methods').
 - The tiny model comes from a seeded `make_tiny_opt` (torch's CPU generator, no BLAS).
 - The graph's name embeds the model's name (`rptq-<name>-prefill`, which depends on where and
   how the model was loaded), so only that one field is normalised before hashing: the file is
@@ -24,149 +24,19 @@ new table, and say why in the commit.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
-from rptq import names
-from rptq.calib.trt_domain import input_scales
 from rptq.exporter.save import save_onnx
 from rptq.exporter.stream import export_streamed
-from rptq.plan import QuantPlan, WeightMethod, WeightQuant, validate_plan
-from rptq.plan_weights import BinaryCode, LowRank, LowRankFactor
-from rptq.points import LINEAR_INPUT_SITE
-from rptq.quant.qparams import quantize_rows
-from rptq.quant.trt_weights import fold_input_scale, symmetric_codes, symmetric_scale
 from rptq.workflow import quantized_graph
-from tests.plans import random_plan
+from tests.plans import stand_in_plans
 
 GRAPH_NAME = "rptq-model-prefill"
-LORC_RANK = 4
-GROUP_SIZE = 16
-
-
-def _rng(label: str) -> np.random.Generator:
-    return np.random.default_rng(int.from_bytes(hashlib.sha256(label.encode()).digest()[:4]))
-
-
-def _hf_weight(loaded, fqn: str) -> np.ndarray:
-    return np.asarray(loaded.weights.get(names.weight(fqn)).float().numpy(), np.float32)
-
-
-def _with_recipe(plan: QuantPlan, weights, **recipe) -> QuantPlan:
-    out = dataclasses.replace(
-        plan, recipe=dataclasses.replace(plan.recipe, **recipe), weights=tuple(weights)
-    )
-    validate_plan(out, "test_export_hashes")
-    return out
-
-
-def _binary(quant: WeightQuant) -> WeightQuant:
-    """A GPTQT-style entry that spells the RTN grid exactly as binary planes.
-
-    Index k = c + 2^(n-1) of code c; value s(c - z) = Σ s·2^(i-1) b_i + s(-1/2 - z).
-    """
-    n = quant.bits
-    alpha = quant.scale[:, None] * (2.0 ** (np.arange(n) - 1))[None, :]
-    beta = quant.scale * (-0.5 - quant.zero.astype(np.float32))
-    binary = BinaryCode(alpha.astype(np.float32), beta.astype(np.float32))
-    return dataclasses.replace(quant, binary=binary)
-
-
-def _lorc(quant: WeightQuant, bits: int) -> WeightQuant:
-    rng = _rng(f"lorc {quant.fqn} {bits}")
-    rows, cols = quant.codes.shape
-
-    def factor(length: int) -> LowRankFactor:
-        values = rng.normal(0.0, 0.05, (length, LORC_RANK)).astype(np.float32)
-        if bits == 16:
-            return LowRankFactor(16, values)
-        codes = rng.integers(-128, 128, (length, LORC_RANK)).astype(np.int8)
-        scale = rng.uniform(1e-4, 4e-4, length).astype(np.float32)
-        zero = rng.integers(-8, 8, length).astype(np.int32)
-        return LowRankFactor(8, codes, scale, zero)
-
-    return dataclasses.replace(quant, lorc=LowRank(factor(rows), factor(cols)))
-
-
-def _grouped(loaded, plan: QuantPlan, quant: WeightQuant) -> WeightQuant:
-    """Blocks of GROUP_SIZE input channels in graph order, each with its own RTN grid."""
-    layer, linear = int(quant.fqn.split(".")[3]), quant.fqn.split(".", 4)[4]
-    point = LINEAR_INPUT_SITE.get(linear)
-    cols = quant.codes.shape[1]
-    perm = np.arange(cols) if point is None else plan.site(layer, point).perm
-    group_index = np.empty(cols, np.int32)
-    group_index[perm] = np.arange(cols) // GROUP_SIZE
-    weight = _hf_weight(loaded, quant.fqn)
-    groups = cols // GROUP_SIZE
-    codes = np.empty_like(quant.codes)
-    scale = np.empty((weight.shape[0], groups), np.float32)
-    zero = np.empty((weight.shape[0], groups), np.int32)
-    for g in range(groups):
-        members = group_index == g
-        codes[:, members], scale[:, g], zero[:, g] = quantize_rows(weight[:, members], quant.bits)
-    return dataclasses.replace(quant, codes=codes, scale=scale, zero=zero, group_index=group_index)
-
-
-def _trt_calibrated(loaded, plan: QuantPlan, quant: WeightQuant) -> WeightQuant:
-    """Symmetric codes of W·diag(c), c the linear's folded input scale (plan_weights)."""
-    layer, linear = int(quant.fqn.split(".")[3]), quant.fqn.split(".", 4)[4]
-    acts = [a for a in plan.acts if a.layer == layer]
-    sites = [s for s in plan.sites if s.layer == layer]
-    scale_in = input_scales(acts, sites).get(linear)
-    if scale_in is None:
-        return quant
-    folded = fold_input_scale(_hf_weight(loaded, quant.fqn), scale_in)
-    scale = symmetric_scale(folded, quant.bits)
-    codes = symmetric_codes(folded, scale, quant.bits)
-    return dataclasses.replace(
-        quant, codes=codes, scale=scale, zero=np.zeros_like(quant.zero), folded_scale=scale_in
-    )
-
-
-def _plans(loaded) -> dict[str, QuantPlan | None]:
-    weights = {k: loaded.weights.get(k).float().numpy() for k in loaded.weights.names()}
-    shape = loaded.shape
-
-    def base(wbits: int, abits: int, kv: bool = False, seed: int = 0) -> QuantPlan:
-        return random_plan(shape, weights, wbits=wbits, abits=abits, only_quant_kv=kv, seed=seed)
-
-    w4a4, w3a4 = base(4, 4), base(3, 4, seed=1)
-    gptq = WeightMethod.GPTQ
-    gptqt = WeightMethod.GPTQT
-    return {
-        "FP": None,
-        "W4A8": base(4, 8),
-        "W4A4": w4a4,
-        "W4A4KV": base(4, 4, kv=True),
-        "W3A3KV": base(3, 3, kv=True),
-        "W4A16": base(4, 16),
-        "GPTQ": _with_recipe(w4a4, w4a4.weights, weight_method=gptq),
-        "GPTQT": _with_recipe(w3a4, map(_binary, w3a4.weights), weight_method=gptqt),
-        "LoRC": _with_recipe(
-            w4a4, [_lorc(w, 16) for w in w4a4.weights], lorc_rank=LORC_RANK, lorc_bits=16
-        ),
-        "GPTQT-LoRC8": _with_recipe(
-            w3a4,
-            [_lorc(_binary(w), 8) for w in w3a4.weights],
-            weight_method=gptqt,
-            lorc_rank=LORC_RANK,
-            lorc_bits=8,
-        ),
-        "W4A4-groups": _with_recipe(
-            w4a4,
-            [_grouped(loaded, w4a4, w) for w in w4a4.weights],
-            weight_group_size=GROUP_SIZE,
-        ),
-        "W4A4-trt-calibrated": _with_recipe(
-            w4a4, [_trt_calibrated(loaded, w4a4, w) for w in w4a4.weights], target="trt"
-        ),
-    }
 
 
 # (plan, target, dtype, int4 block)
@@ -237,7 +107,7 @@ def data_digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def hash_plans(tiny_loaded):
-    return _plans(tiny_loaded)
+    return stand_in_plans(tiny_loaded)
 
 
 def export_digests(loaded, plan, target, dtype, block, directory: Path) -> tuple[str, str, str]:
