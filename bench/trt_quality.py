@@ -60,9 +60,9 @@ def _ort_ppl(graph, windows) -> tuple[float, float]:  # noqa: ANN001 (onnx.Model
 def measure(args: argparse.Namespace) -> dict[str, object]:
     """Calibrate each setting, score both references, and run ORT + the checker on `ort_row`."""
     from rptq.calib.runner import calibrate
+    from rptq.check.rules import check_model, errors
     from rptq.data import calibration_windows, eval_tokens, eval_windows, load_tokenizer
     from rptq.model.load import load_model
-    from rptq.passes.check_target import check_model, errors
     from rptq.plan import Recipe
     from rptq.runtime.perplexity import perplexity
     from rptq.runtime.reference import ReferenceModel

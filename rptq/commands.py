@@ -283,7 +283,7 @@ def cmd_demo(args: argparse.Namespace) -> Summary:
 
 def cmd_check(args: argparse.Namespace) -> Summary:
     """Check an ONNX file against TensorRT's rules (or the ONNX checker for ORT)."""
-    from rptq.passes.check_target import check_file, errors
+    from rptq.check.rules import check_file, errors
 
     path = Path(args.onnx)
     if not path.is_file():
@@ -306,8 +306,8 @@ def cmd_check(args: argparse.Namespace) -> Summary:
 
 def cmd_build_engine(args: argparse.Namespace) -> Summary:
     """Build a TensorRT engine after checking the ONNX file against TensorRT's rules."""
+    from rptq.check.rules import check_file, errors
     from rptq.log import human_bytes
-    from rptq.passes.check_target import check_file, errors
     from rptq.runtime.trt import EngineOptions, build_engine, import_tensorrt
 
     source, output = Path(args.onnx), Path(args.output)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -40,6 +41,7 @@ from rptq.plan_weights import (
 from rptq.points import (
     DEFAULT_CLUSTERS,
     KV_ACTS,
+    LINEAR_INPUT_ACT,
     LINEAR_INPUT_SITE,
     LINEAR_OUTPUT_SITE,
     QUANTIZED_ACTS,
@@ -49,7 +51,7 @@ from rptq.points import (
     Reorder,
     act_bits,
 )
-from rptq.quant.clusters import is_block_diagonal, is_permutation
+from rptq.quant.clusters import expand_to_channels, is_block_diagonal, is_permutation
 from rptq.quant.qparams import grid_bounds
 
 SCHEMA_VERSION = 1
@@ -317,6 +319,14 @@ class QuantPlan:
 
         return perm(LINEAR_INPUT_SITE.get(linear)), perm(LINEAR_OUTPUT_SITE.get(linear))
 
+    def folded_input_scale(self, layer: int, linear: str) -> NDArray[np.float32] | None:
+        """`folded_input_scale` of a linear of decoder layer `layer` (None: input not quantized)."""
+        return folded_input_scale(
+            [a for a in self.acts if a.layer == layer],
+            [s for s in self.sites if s.layer == layer],
+            linear,
+        )
+
     def check_target(self, target: Target) -> None:
         """Refuse to export this plan for `target` when its weights are calibrated for the other.
 
@@ -412,6 +422,26 @@ class QuantPlan:
     def load(cls, directory: Path, expect_hash: str | None = None) -> QuantPlan:
         """Read and validate a plan; `expect_hash` is the config hash of the model it must fit."""
         return read_plan(Path(directory), expect_hash)
+
+
+def folded_input_scale(
+    acts: Iterable[ActQuant], sites: Iterable[ReorderSite], linear: str
+) -> NDArray[np.float32] | None:
+    """Per-channel scale c (model channel order) of the quantized activation `linear` reads,
+    from one layer's activations and sites; None when that activation is not quantized.
+
+    The TensorRT variant folds c into the linear's weight (W·diag(c)): calibration for it
+    quantizes that weight (rptq.calib.trt_domain), its PyTorch reference divides by c
+    (rptq.runtime.trt_reference), and the export folds the same float32 vector in graph order
+    (rptq.passes.tensorrt.acts.act_vectors, c permuted by the site).
+    """
+    act = LINEAR_INPUT_ACT[linear]
+    quant = next((a for a in acts if a.act == act), None)
+    if quant is None:
+        return None
+    point = SITE_OF[act]
+    site = next(s for s in sites if s.point == point)
+    return expand_to_channels(quant.scale.astype(np.float32), site.perm, site.sizes)
 
 
 def validate_plan(plan: QuantPlan, where: str) -> None:

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from rptq import names
 from rptq.errors import PlanError
+from rptq.names import LAYER_PREFIX
+from rptq.names import module as module_path
 from rptq.points import LINEARS
 from rptq.quant.bcq import binary_weight, planes_of
 from rptq.quant.lowrank import FACTOR_BITS, dequantize_factor, lowrank_product
@@ -100,8 +101,8 @@ def group_count(group_index: NDArray[np.integer]) -> int:
 
 def linear_of_fqn(fqn: str) -> tuple[int, str]:
     """(layer, linear) of a decoder linear's module path (`model.decoder.layers.3.fc1`)."""
-    index, _, linear = fqn.removeprefix(names.LAYER_PREFIX).partition(".")
-    if index.isdigit() and linear in LINEARS and names.module(int(index), linear) == fqn:
+    index, _, linear = fqn.removeprefix(LAYER_PREFIX).partition(".")
+    if index.isdigit() and linear in LINEARS and module_path(int(index), linear) == fqn:
         return int(index), linear
     raise PlanError(f"plan weight {fqn} is not one of the six linears of an OPT decoder layer")
 

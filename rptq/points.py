@@ -148,3 +148,16 @@ LAYERNORM_SITE: dict[str, Reorder] = {
     "self_attn_layer_norm": Reorder.R1,
     "final_layer_norm": Reorder.R4,
 }
+# The LayerNorm that produces each LayerNorm-output activation.
+LAYERNORM_OF: dict[Act, str] = {
+    Act.ATTN_LN_OUT: "self_attn_layer_norm",
+    Act.FFN_LN_OUT: "final_layer_norm",
+}
+# The quantized activation each linear produces (its output, directly or after a reshape; fc1's
+# through the ReLU). out_proj and fc2 feed the residual stream, which is not quantized.
+LINEAR_OUTPUT_ACT: dict[str, Act] = {
+    "self_attn.q_proj": Act.Q,
+    "self_attn.k_proj": Act.K,
+    "self_attn.v_proj": Act.V,
+    "fc1": Act.FC2_IN,
+}

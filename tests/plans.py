@@ -31,7 +31,6 @@ from rptq.plan import (
 )
 from rptq.plan_weights import BinaryCode, LowRank, LowRankFactor
 from rptq.points import (
-    LINEAR_INPUT_ACT,
     LINEAR_INPUT_SITE,
     LINEARS,
     REORDERS,
@@ -39,7 +38,6 @@ from rptq.points import (
     Act,
     Reorder,
 )
-from rptq.quant.clusters import expand_to_channels
 from rptq.quant.qparams import grid_bounds, quantize_rows
 from rptq.quant.trt_weights import fold_input_scale, symmetric_codes, symmetric_scale
 
@@ -220,11 +218,9 @@ def _grouped(loaded, plan: QuantPlan, quant: WeightQuant) -> WeightQuant:
 
 def _trt_calibrated(loaded, plan: QuantPlan, quant: WeightQuant) -> WeightQuant:
     """Symmetric codes of W·diag(c), c the linear's folded input scale (plan_weights)."""
-    act = plan.act(quant.layer, LINEAR_INPUT_ACT[quant.linear])
-    if act is None:
+    scale_in = plan.folded_input_scale(quant.layer, quant.linear)
+    if scale_in is None:
         return quant
-    site = plan.site(quant.layer, SITE_OF[act.act])
-    scale_in = expand_to_channels(act.scale.astype(np.float32), site.perm, site.sizes)
     folded = fold_input_scale(_hf_weight(loaded, quant.fqn), scale_in)
     scale = symmetric_scale(folded, quant.bits)
     codes = symmetric_codes(folded, scale, quant.bits)

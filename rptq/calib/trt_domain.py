@@ -21,28 +21,16 @@ import torch
 from numpy.typing import NDArray
 
 from rptq.calib.weight_methods import AdjustFn, LinearProblem
-from rptq.plan import ActQuant, ReorderSite
-from rptq.points import LINEAR_INPUT_ACT, SITE_OF
-from rptq.quant.clusters import expand_to_channels
+from rptq.plan import ActQuant, ReorderSite, folded_input_scale
+from rptq.points import LINEAR_INPUT_ACT
 from rptq.quant.trt_weights import fold_input_scale
 
 
 def input_scales(acts: list[ActQuant], sites: list[ReorderSite]) -> dict[str, NDArray[np.float32]]:
-    """Linear -> per-channel scale (model channel order) of its quantized input activation.
-
-    The same float32 vector the export folds (trt_acts.act_vectors, in graph order) and the
-    TensorRT reference divides by (trt_reference.input_scale).
-    """
-    by_act = {quant.act: quant for quant in acts}
-    by_point = {site.point: site for site in sites}
-    scales = {}
-    for linear, act in LINEAR_INPUT_ACT.items():
-        quant = by_act.get(act)
-        if quant is None:
-            continue
-        site = by_point[SITE_OF[act]]
-        scales[linear] = expand_to_channels(quant.scale.astype(np.float32), site.perm, site.sizes)
-    return scales
+    """Linear -> folded input scale (rptq.plan.folded_input_scale) of one layer's linears whose
+    input activation is quantized."""
+    scales = {linear: folded_input_scale(acts, sites, linear) for linear in LINEAR_INPUT_ACT}
+    return {linear: scale for linear, scale in scales.items() if scale is not None}
 
 
 def fold_problem(problem: LinearProblem, scale: NDArray[np.float32] | None) -> LinearProblem:

@@ -23,8 +23,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
+from rptq.check.view import ModelView
 from rptq.errors import ConfigError
-from rptq.passes.trt_view import ModelView
 from rptq.plan import Target
 
 Severity = Literal["error", "warning"]

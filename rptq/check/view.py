@@ -1,4 +1,4 @@
-"""A read-only index of an ONNX graph for the TensorRT rule checker (passes/check_target.py).
+"""A read-only index of an ONNX graph for the TensorRT rule checker (rptq/check/rules.py).
 
 TensorRT's rules talk about producers ("rooted at a constant"), build-time constants, element
 types and scale ranks, so the checker needs producer links, types and a few constant values.

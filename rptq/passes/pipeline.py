@@ -20,8 +20,8 @@ from rptq.passes.fold_reorder import fold_reorder
 from rptq.passes.insert_qdq import insert_act_qdq
 from rptq.passes.lowrank import lowrank_branches
 from rptq.passes.quantize_weights import quantize_weights, wrap_packed_constants
-from rptq.passes.trt_fold import trt_fold
-from rptq.passes.trt_qdq import trt_insert_qdq
+from rptq.passes.tensorrt.fold import trt_fold
+from rptq.passes.tensorrt.qdq import trt_insert_qdq
 from rptq.plan import Target
 
 logger = logging.getLogger(__name__)

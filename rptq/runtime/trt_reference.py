@@ -22,23 +22,13 @@ from rptq.model.forward import LayerWeights, Tap, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.weights import layer_prefix
 from rptq.plan import QuantPlan, Target, WeightQuant
-from rptq.points import LINEAR_INPUT_ACT, LINEARS, SITE_OF
-from rptq.quant.clusters import expand_to_channels
+from rptq.points import LINEARS
 from rptq.quant.trt_weights import trt_weight
 from rptq.runtime.reference import ReferenceModel
 
 
 def _identity(act: object, x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def input_scale(plan: QuantPlan, layer: int, linear: str) -> np.ndarray | None:
-    """Per-channel scale (model channel order) of the quantized activation a linear reads."""
-    quant = plan.act(layer, LINEAR_INPUT_ACT[linear])
-    if quant is None:
-        return None
-    site = plan.site(layer, SITE_OF[quant.act])
-    return expand_to_channels(quant.scale.astype(np.float32), site.perm, site.sizes)
 
 
 def variant_weight(
@@ -90,7 +80,7 @@ def trt_layer_weights(weights: LayerWeights, plan: QuantPlan, layer: int) -> Lay
         values = variant_weight(
             quant,
             original.detach().to(torch.float32).cpu().numpy(),
-            input_scale(plan, layer, linear),
+            plan.folded_input_scale(layer, linear),
             plan.recipe.target,
         )
         out[key] = torch.from_numpy(values).to(original.device, original.dtype)

@@ -18,8 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from rptq.check.rules import RULES, check_file, check_model, errors
 from rptq.cli import main
-from rptq.passes.check_target import RULES, check_file, check_model, errors
 from rptq.workflow import quantized_graph
 from tests.plans import random_plan
 

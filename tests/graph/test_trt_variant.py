@@ -17,12 +17,12 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from rptq import names
+from rptq.check.rules import check_model, errors
 from rptq.cli import main
 from rptq.errors import ConfigError, GraphPatternError
 from rptq.passes import PassContext, run_passes
-from rptq.passes.check_target import check_model, errors
-from rptq.passes.trt_fold import trt_fold
-from rptq.passes.trt_qdq import trt_insert_qdq
+from rptq.passes.tensorrt.fold import trt_fold
+from rptq.passes.tensorrt.qdq import trt_insert_qdq
 from rptq.plan import WeightMethod
 from rptq.points import LAYERNORM_SITE, LINEARS, Act
 from rptq.workflow import quantized_graph

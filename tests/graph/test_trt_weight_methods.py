@@ -16,8 +16,8 @@ import torch
 from onnx import numpy_helper
 
 from rptq import names
+from rptq.check.rules import check_model, errors
 from rptq.errors import ConfigError
-from rptq.passes.check_target import check_model, errors
 from rptq.points import LINEARS
 from rptq.runtime.trt_reference import TrtReferenceModel
 from rptq.workflow import quantized_graph

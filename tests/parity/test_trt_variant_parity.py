@@ -19,7 +19,7 @@ import torch
 from rptq import names
 from rptq.exporter import build_fp_graph
 from rptq.passes import PassContext, run_passes
-from rptq.passes.trt_acts import quantized_input_name
+from rptq.passes.tensorrt.acts import quantized_input_name
 from rptq.plan import QuantPlan
 from rptq.points import SITE_OF
 from rptq.quant.clusters import expand_to_positions

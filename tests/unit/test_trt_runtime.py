@@ -4,7 +4,7 @@ control flow against a stand-in `tensorrt` module.
 The stand-in implements only the calls rptq makes, with the names and signatures of TensorRT
 10's Python API (Builder, OnnxParser, IBuilderConfig, ITimingCache). It checks what rptq
 controls (flags, limits, profile shapes, atomic writes, timing-cache round trip, error
-messages), not what TensorRT does; tests/parity/test_trt_parity.py builds real engines where
+messages), not what TensorRT does; tests/gpu/test_trt_engine_parity.py builds real engines where
 TensorRT and a GPU exist.
 """
 

@@ -23,20 +23,10 @@ from rptq.plan import ActQuant, QuantPlan
 from rptq.points import SITE_OF, Act
 from rptq.quant.clusters import expand_to_positions
 
-# LayerNorms whose affine folds U = X/s + z exactly (γ/s, β/s + z).
-LAYERNORM_OF: dict[Act, str] = {
-    Act.ATTN_LN_OUT: "self_attn_layer_norm",
-    Act.FFN_LN_OUT: "final_layer_norm",
-}
+# LayerNorms whose affine folds U = X/s + z exactly (γ/s, β/s + z): points.LAYERNORM_OF.
 # Each linear's input activation (points.LINEAR_INPUT_ACT): X̂ = s∘(C − z) folds into its rows
-# and bias. The activation each linear produces: 1/s (and z, except through fc1's ReLU) fold
-# into its columns and bias. q also takes head_dim^-½, so its Mul goes.
-LINEAR_OUTPUT_ACT: dict[str, Act] = {
-    "self_attn.q_proj": Act.Q,
-    "self_attn.k_proj": Act.K,
-    "self_attn.v_proj": Act.V,
-    "fc1": Act.FC2_IN,
-}
+# and bias. The activation each linear produces (points.LINEAR_OUTPUT_ACT): 1/s (and z, except
+# through fc1's ReLU) fold into its columns and bias. q also takes head_dim^-½, so its Mul goes.
 # +z does not commute with ReLU, so fc2_in gets its offset after the ReLU, not in fc1's bias.
 OFFSET_AFTER_PRODUCER: frozenset[Act] = frozenset({Act.FC2_IN})
 # Producer side computed pointwise (no affine producer): out_proj_in (P·V, Transpose,

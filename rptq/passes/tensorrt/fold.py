@@ -35,9 +35,8 @@ from rptq.passes.context import (
     rewire_consumers,
 )
 from rptq.passes.insert_qdq import graph_float_dtype
-from rptq.passes.trt_acts import (
+from rptq.passes.tensorrt.acts import (
     CONSUMER_POINTWISE,
-    LAYERNORM_OF,
     PRODUCER_POINTWISE,
     ActVectors,
     act_digest,
@@ -47,8 +46,8 @@ from rptq.passes.trt_acts import (
     is_trt_folded,
     record_trt_folded,
 )
-from rptq.passes.trt_linears import LayerFold, plan_linear
-from rptq.points import LINEARS, Act
+from rptq.passes.tensorrt.linears import LayerFold, plan_linear
+from rptq.points import LAYERNORM_OF, LINEARS, Act
 from rptq.quant.trt_weights import fold_layernorm_affine
 
 LN_PATTERN = "LayerNormalization(h, <ln>.weight, <ln>.bias) -> <activation> (docs/graph.md)"

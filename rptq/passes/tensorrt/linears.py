@@ -35,15 +35,14 @@ from rptq.passes.quantize_weights import (
     check_relative_error,
     packed_nbytes,
 )
-from rptq.passes.trt_acts import (
-    LINEAR_OUTPUT_ACT,
+from rptq.passes.tensorrt.acts import (
     OFFSET_AFTER_PRODUCER,
     ActVectors,
     as_dtype,
     float_dtype,
 )
 from rptq.plan import QuantPlan, Target, WeightQuant
-from rptq.points import LINEAR_INPUT_ACT, Act
+from rptq.points import LINEAR_INPUT_ACT, LINEAR_OUTPUT_ACT, Act
 from rptq.quant.bcq import binary_weight
 from rptq.quant.trt_weights import (
     INT4_MAX,
@@ -307,8 +306,9 @@ def _weight(
 ) -> tuple[SymmetricWeight, NDArray[np.int64], NDArray[np.int64]]:
     """The variant's weight in graph order, plus the plan's codes/zeros in graph order.
 
-    Only an RTN plan calibrated for ONNX Runtime may be re-quantized here (trt_acts.
-    QuantPlan.check_target refuses the others); every other plan's codes are used as calibrated.
+    Only an RTN plan calibrated for ONNX Runtime may be re-quantized here
+    (QuantPlan.check_target refuses the others); every other plan's codes are used as
+    calibrated.
     """
     codes = np.ascontiguousarray(quant.codes.T[np.ix_(*order)])
     scale, zero = quant.scale[order[1]], quant.zero[order[1]]

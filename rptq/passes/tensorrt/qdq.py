@@ -21,7 +21,7 @@ from rptq import names
 from rptq.errors import GraphPatternError
 from rptq.passes.context import GraphIndex, PassContext, PassResult, rewire_consumers
 from rptq.passes.insert_qdq import graph_float_dtype
-from rptq.passes.trt_acts import act_digest, as_dtype, quantized_input_name, trt_folded
+from rptq.passes.tensorrt.acts import act_digest, as_dtype, quantized_input_name, trt_folded
 from rptq.plan import ActQuant
 from rptq.points import SITE_OF
 from rptq.quant.qparams import grid_bounds
