@@ -144,6 +144,7 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `rptq-export` parser: one subparser per command, each with an example."""
     parser = argparse.ArgumentParser(
         prog="rptq-export",
         description="RPTQ quantization of OPT models to ONNX. With no subcommand, "
@@ -270,6 +271,7 @@ def _emit(summary: dict[str, Any], as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run `rptq-export` with `argv`; the exit code: 0 ok, 1 user error, 2 usage, 130 Ctrl-C."""
     parser = build_parser()
     args_list = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
     if not args_list:

@@ -107,7 +107,9 @@ def load_tokenizer(model_dir: Path | None, data_dir: Path | None) -> PreTrainedT
     The fallback exists because no OPT checkpoint can be downloaded here; it reproduces the hub
     tokenizer (same vocabulary, GPT-2 merges, one "</s>" BOS prepended per encoded text).
     """
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    # transformers 5 keeps GPT2TokenizerFast only as a runtime alias (absent from its typed
+    # exports); 4.x needs it by that name, so the import stays and mypy is told why
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # type: ignore[attr-defined]
 
     if model_dir is not None and _has_tokenizer_files(Path(model_dir)):
         try:

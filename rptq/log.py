@@ -93,6 +93,7 @@ class Progress:
         )
 
     def close(self) -> None:
+        """End the bar (or the last log line)."""
         self._bar.close()
 
     def __enter__(self) -> Progress:

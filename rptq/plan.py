@@ -208,6 +208,7 @@ class Recipe:
         return KV_ACTS if self.only_quant_kv else QUANTIZED_ACTS
 
     def bits_of(self, act: Act) -> int:
+        """Bit width of activation `act` under this recipe (points.act_bits)."""
         return act_bits(act, self.abits)
 
     def label(self) -> str:
@@ -227,6 +228,7 @@ class ReorderSite:
 
     @property
     def key(self) -> str:
+        """Tensor key prefix of this site in the plan file (`layers.3.R1`)."""
         return f"layers.{self.layer}.{self.point}"
 
 
@@ -242,6 +244,7 @@ class ActQuant:
 
     @property
     def key(self) -> str:
+        """Tensor key prefix of this activation in the plan file (`layers.3.act.q`)."""
         return f"layers.{self.layer}.act.{self.act}"
 
 
@@ -267,18 +270,21 @@ class QuantPlan:
     schema_version: int = SCHEMA_VERSION
 
     def site(self, layer: int, point: Reorder) -> ReorderSite:
+        """The reorder site `point` of decoder layer `layer` (KeyError if absent)."""
         for s in self.sites:
             if s.layer == layer and s.point == point:
                 return s
         raise KeyError(f"no site {point} in layer {layer}")
 
     def act(self, layer: int, act: Act) -> ActQuant | None:
+        """Quantization parameters of `act` in decoder layer `layer`, or None if float."""
         for a in self.acts:
             if a.layer == layer and a.act == act:
                 return a
         return None
 
     def weight(self, fqn: str) -> WeightQuant | None:
+        """The weight entry of module `fqn`, or None if that weight stays float."""
         for w in self.weights:
             if w.fqn == fqn:
                 return w
@@ -477,8 +483,8 @@ def validate_plan(plan: QuantPlan, where: str) -> None:
     for w in plan.weights:
         qmin, qmax = grid_bounds(w.bits)
         rows = w.codes.shape[0]
-        shape = (rows,) if w.group_index is None else (rows, group_count(w.group_index))
-        if w.scale.shape != shape or w.zero.shape != shape:
+        expected = (rows,) if w.group_index is None else (rows, group_count(w.group_index))
+        if w.scale.shape != expected or w.zero.shape != expected:
             raise PlanError(f"{where}: {w.key} scale/zero do not match {rows} rows; {fix}")
         if w.codes.size and (int(w.codes.min()) < qmin or int(w.codes.max()) > qmax):
             raise PlanError(f"{where}: {w.key}.codes leave the {w.bits}-bit grid; {fix}")

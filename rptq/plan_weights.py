@@ -141,6 +141,7 @@ class WeightQuant:
 
     @property
     def key(self) -> str:
+        """Tensor key prefix of this entry in the plan file (the module path)."""
         return self.fqn
 
     def values(self) -> NDArray[np.float32]:

@@ -41,6 +41,7 @@ class HessianTap:
         self.tokens: dict[Act, int] = {}
 
     def __call__(self, act: Act, x: torch.Tensor) -> torch.Tensor:
+        """Accumulate the Hessian of each linear input `act`; pass `x` through unchanged."""
         if act in self.acts:
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             seen, new = self.tokens.get(act, 0), flat.shape[0]
@@ -108,7 +109,8 @@ def inverse_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
 class ColumnQuantizer(Protocol):
     """Quantizes weight column `index` [out] (caller's column order): (code, value) per row."""
 
-    def __call__(self, column: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(self, column: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize one weight column (Q, dequantized Q) for the sweep's error feedback."""
 
 
 class GridQuantizer:
@@ -136,6 +138,7 @@ class GridQuantizer:
         self.zero[:, span] = torch.from_numpy(zero).to(self.zero)[:, None]
 
     def __call__(self, column: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round one column on the fixed grid (its group's scale/zero when grouped)."""
         scale = self.scale if self.scale.ndim == 1 else self.scale[:, index]
         zero = self.zero if self.zero.ndim == 1 else self.zero[:, index]
         code = torch.clamp(torch.round(column / scale) + zero, self.qmin, self.qmax)
@@ -149,8 +152,9 @@ class LevelQuantizer:
         self.levels = levels.float()
 
     def __call__(self, column: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = (column[:, None] - self.levels).abs().argmin(dim=1)
-        return index.float(), self.levels.gather(1, index[:, None])[:, 0]
+        """Move one column to its nearest BCQ level (GPTQT's second sweep)."""
+        nearest = (column[:, None] - self.levels).abs().argmin(dim=1)
+        return nearest.float(), self.levels.gather(1, nearest[:, None])[:, 0]
 
 
 def gptq_sweep(

@@ -99,8 +99,8 @@ def reexplore_gamma(
     codes = quantize(reference, scale[:, None], zero[:, None], m)
     binary, index = binary_code(codes, scale, zero, m, n)
     merged = binary_weight(planes_of(index, n), binary.alpha, binary.beta, axis=0)
-    stacked, reference = torch.from_numpy(merged), torch.from_numpy(reference)
-    error = output_error(reference, stacked, hessian).cpu().numpy().reshape(len(gammas), -1)
+    stacked, target = torch.from_numpy(merged), torch.from_numpy(reference)
+    error = output_error(target, stacked, hessian).cpu().numpy().reshape(len(gammas), -1)
     return np.asarray(gammas, dtype=np.float64)[error.argmin(axis=0)]
 
 

@@ -31,6 +31,7 @@ class ChannelRangeObserver:
         self.max: dict[Act, torch.Tensor] = {}
 
     def __call__(self, act: Act, x: torch.Tensor) -> torch.Tensor:
+        """Record the range statistics of `act`; pass `x` through unchanged."""
         if act in self.acts:
             lo, hi = _channel_extremes(x)
             if act in self.min:
@@ -66,6 +67,7 @@ class ClusterRangeObserver:
         self.max: dict[Act, torch.Tensor] = {}
 
     def __call__(self, act: Act, x: torch.Tensor) -> torch.Tensor:
+        """Fold this window's cluster extremes of `act` into the running ranges."""
         extremes = self.cluster_extremes(act, x)
         if extremes is not None:
             self.update(act, *extremes)

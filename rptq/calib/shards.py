@@ -200,6 +200,7 @@ class WindowLog:
         self.extremes: list[tuple[Act, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, act: Act, x: torch.Tensor) -> torch.Tensor:
+        """Keep this window's cluster extremes of `act` for the merge across devices."""
         extremes = self.observer.cluster_extremes(act, x)
         if extremes is not None:
             self.extremes.append((act, *extremes))

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from rptq.quant.qparams import affine_params, grid_bounds, quantize
 from rptq.quant.trt_weights import symmetric_codes, symmetric_max, symmetric_scale
 
 log = logging.getLogger(__name__)
+_Scalar = TypeVar("_Scalar", bound=np.generic)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def weight_grid(
     return affine_params(blocks.min(axis=2), blocks.max(axis=2), bits)
 
 
-def _per_column(values: NDArray[np.generic], group_size: int) -> NDArray[np.generic]:
+def _per_column(values: NDArray[_Scalar], group_size: int) -> NDArray[_Scalar]:
     """[out] or [out, groups] grid values as [out, 1] or [out, in] (broadcast over columns)."""
     return values[:, None] if not group_size else np.repeat(values, group_size, axis=1)
 
@@ -104,6 +105,7 @@ def _linear_codes(problem: LinearProblem, recipe: Recipe) -> WeightQuant:
         if hessian is not None:
             hessian = hessian.to(weight.device)[index][:, index]
     binary = None
+    codes: NDArray[np.integer]
     if recipe.weight_method is WeightMethod.GPTQT:
         assert hessian is not None
         gptqt = gptqt_quantize(

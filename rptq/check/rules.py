@@ -65,6 +65,7 @@ class Violation:
         return f"{self.rule_id} ({self.severity}) {self.node}: {self.message}"
 
     def as_dict(self) -> dict[str, str]:
+        """The violation as a JSON object (`check --json`)."""
         return {
             "rule": self.rule_id,
             "severity": self.severity,

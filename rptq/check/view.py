@@ -142,12 +142,14 @@ class ModelView:
 
     @property
     def opset(self) -> int | None:
+        """The default-domain opset the model imports (None if it imports none)."""
         for entry in self.model.opset_import:
             if entry.domain in ("", "ai.onnx"):
                 return int(entry.version)
         return None
 
     def qdq_nodes(self) -> list[onnx.NodeProto]:
+        """Every QuantizeLinear and DequantizeLinear node, in graph order."""
         return [
             n
             for n in self.nodes
@@ -161,16 +163,19 @@ class ModelView:
 
     @staticmethod
     def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+        """Integer attribute `name` of `node`, or `default` when it is not set."""
         for attr in node.attribute:
             if attr.name == name:
                 return int(attr.i)
         return default
 
     def elem_type(self, name: str) -> int | None:
+        """ONNX element type of tensor `name`, if the graph declares it."""
         info = self.types.get(name)
         return info[0] if info else None
 
     def rank(self, name: str) -> int | None:
+        """Rank of tensor `name`, if the graph declares its shape."""
         info = self.types.get(name)
         return None if info is None or info[1] is None else len(info[1])
 

@@ -8,13 +8,15 @@ grids narrower than the integer container).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from rptq.plan import ActQuant, QuantPlan, ReorderSite, WeightQuant
-from rptq.points import LINEARS, SITE_OF, Act
+from rptq.points import LINEARS, SITE_OF, Act, Reorder
 from rptq.quant.clusters import expand_to_channels
 from rptq.quant.qparams import grid_bounds
 
@@ -29,6 +31,7 @@ class ChannelQuant:
     qmax: int
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `x` per channel with the plan's scale and zero point."""
         scale = self.scale.to(device=x.device, dtype=x.dtype)
         zero = self.zero.to(device=x.device, dtype=x.dtype)
         codes = torch.clamp(torch.round(x / scale) + zero, self.qmin, self.qmax)
@@ -41,6 +44,8 @@ def channel_quant(act: ActQuant, site: ReorderSite | None) -> ChannelQuant:
     The reference never permutes anything: a cluster is just a set of channel indices, so
     quantizing in the original order is numerically what the folded graph does in its order.
     """
+    scale: NDArray[np.generic]
+    zero: NDArray[np.generic]
     if site is None:  # per-tensor (attn_probs)
         scale, zero = act.scale, act.zero
     else:
@@ -62,12 +67,13 @@ class FakeQuantTap:
         self.quantizers = quantizers
 
     def __call__(self, act: Act, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize `act` if the plan quantizes it, else return `x`."""
         quantizer = self.quantizers.get(act)
         return x if quantizer is None else quantizer(x)
 
     @classmethod
     def for_layer(
-        cls, acts: list[ActQuant] | tuple[ActQuant, ...], sites: dict[object, ReorderSite]
+        cls, acts: list[ActQuant] | tuple[ActQuant, ...], sites: Mapping[Reorder, ReorderSite]
     ) -> FakeQuantTap:
         """Build from one layer's ActQuants and its sites keyed by Reorder point."""
         quantizers = {}
@@ -78,6 +84,7 @@ class FakeQuantTap:
 
     @classmethod
     def from_plan(cls, plan: QuantPlan, layer: int) -> FakeQuantTap:
+        """The tap of decoder layer `layer` of `plan`."""
         acts = [a for a in plan.acts if a.layer == layer]
         sites = {s.point: s for s in plan.sites if s.layer == layer}
         return cls.for_layer(acts, sites)

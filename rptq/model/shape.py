@@ -23,6 +23,7 @@ class OptShape:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head."""
         return self.hidden_size // self.num_heads
 
     def width(self, kind: str) -> int:

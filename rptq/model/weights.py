@@ -54,9 +54,11 @@ class MappingWeights:
         self._tensors = {canonical_key(k): v for k, v in tensors.items()}
 
     def names(self) -> Iterable[str]:
+        """Hugging Face names of every tensor held."""
         return self._tensors.keys()
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor called `name` (ModelError naming it if absent)."""
         try:
             return self._tensors[name].detach()
         except KeyError:
@@ -77,9 +79,11 @@ class SafetensorsWeights:
                     self._where[canonical_key(key)] = (file, key)
 
     def names(self) -> Iterable[str]:
+        """Hugging Face names of every tensor in the checkpoint files."""
         return self._where.keys()
 
     def get(self, name: str) -> torch.Tensor:
+        """Read tensor `name` from its safetensors file (one tensor in memory)."""
         from safetensors import safe_open
 
         try:

@@ -191,7 +191,7 @@ def plane_tensors(
     unused, or an fp16 underflow) gets codes 0 and scale 1: the same zero product, and no
     zero scale, which TensorRT refuses.
     """
-    out = []
+    out: list[tuple[NDArray[np.generic], NDArray[np.floating]]] = []
     for i in range(planes.shape[0]):
         scale = np.asarray(alpha[:, i], np.float64).astype(dtype)
         if not np.all(np.isfinite(scale)):

@@ -92,6 +92,8 @@ def _prepare(
     if not tensor.outputs:
         raise GraphPatternError(f"tensor {name} has no consumers; expected {pattern}")
     site = _site_of(plan, quant)
+    scale: NDArray[np.generic]
+    zero: NDArray[np.generic]
     if site is None:
         if quant.scale.shape != (1,) or quant.zero.shape != (1,):
             raise PlanError(f"plan {quant.key}: per-tensor activation needs one scale and zero")

@@ -53,12 +53,12 @@ def _factor(
         return gs.Constant(n[which], array), array.nbytes
     values = values.T if transpose else values
     container = _CONTAINERS[max(8, container_bits(factor.zero, factor.bits))]
-    codes = np.ascontiguousarray(values).astype(container)
+    codes: NDArray[np.generic] = np.ascontiguousarray(values).astype(container)
     scale = np.asarray(factor.scale[order], np.float64)
     if row_factor is not None:
         scale = scale * row_factor
     scale = np.ascontiguousarray(scale, dtype=dtype)
-    zero = np.ascontiguousarray(factor.zero[order]).astype(container)
+    zero: NDArray[np.generic] = np.ascontiguousarray(factor.zero[order]).astype(container)
     output = add_dequantize(
         graph,
         n[f"{which}_dq_node"],

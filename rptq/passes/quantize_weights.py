@@ -169,7 +169,7 @@ def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepare
 def check_relative_error(weight: gs.Constant, recovered: NDArray[np.floating]) -> None:
     """Non-RTN codes must still stand for the graph's weight (MAX_RELATIVE_ERROR)."""
     current = np.asarray(weight.values, dtype=np.float64)
-    error = float(np.linalg.norm(recovered - current) / max(np.linalg.norm(current), 1e-30))
+    error = float(np.linalg.norm(recovered - current) / max(float(np.linalg.norm(current)), 1e-30))
     if error > MAX_RELATIVE_ERROR:
         raise GraphPatternError(
             f"initializer {weight.name}: the plan's weight is {error:.2f} (relative Frobenius "

@@ -217,29 +217,29 @@ def fit_bcq(hist: NDArray[np.floating], values: NDArray[np.floating], n: int) ->
     The final lookup is the nearest level of every integer level, so the error never exceeds
     that of the uniform n-bit grid over the occupied range (the first start).
     """
-    hist = np.asarray(hist, np.float64)
-    values = np.asarray(values, np.float64)
-    if hist.ndim != 2 or hist.shape[1] != values.shape[0]:
-        raise ValueError(f"histogram {hist.shape} does not match {values.shape[0]} levels")
-    if np.any(hist.sum(axis=1) <= 0):
+    counts: NDArray[np.float64] = np.asarray(hist, np.float64)
+    levels: NDArray[np.float64] = np.asarray(values, np.float64)
+    if counts.ndim != 2 or counts.shape[1] != levels.shape[0]:
+        raise ValueError(f"histogram {counts.shape} does not match {levels.shape[0]} levels")
+    if np.any(counts.sum(axis=1) <= 0):
         raise ValueError("every row needs at least one code")
     offsets, amplitudes, lookups, errors = [], [], [], []
-    for start in range(0, hist.shape[0], _ROW_CHUNK):
-        h = hist[start : start + _ROW_CHUNK]
-        if n == 2 and values.shape[0] <= EXHAUSTIVE_MAX_LEVELS:
-            candidates = [_exhaustive_two_planes(h, values)]
+    for start in range(0, counts.shape[0], _ROW_CHUNK):
+        h = counts[start : start + _ROW_CHUNK]
+        if n == 2 and levels.shape[0] <= EXHAUSTIVE_MAX_LEVELS:
+            candidates = [_exhaustive_two_planes(h, levels)]
         else:
-            candidates = [_alternate(h, values, o, a) for o, a in _initial_guesses(h, values, n)]
+            candidates = [_alternate(h, levels, o, a) for o, a in _initial_guesses(h, levels, n)]
         best_sse = np.full(h.shape[0], np.inf)
         offset, a = np.zeros(h.shape[0]), np.zeros((h.shape[0], n))
         for cand_offset, cand_a in candidates:
-            _, sq = _assign(values, cand_offset, cand_a)
+            _, sq = _assign(levels, cand_offset, cand_a)
             sse = (h * sq).sum(axis=1)
             better = sse < best_sse
             best_sse = np.where(better, sse, best_sse)
             offset = np.where(better, cand_offset, offset)
             a = np.where(better[:, None], cand_a, a)
-        index, _ = _assign(values, offset, a)
+        index, _ = _assign(levels, offset, a)
         offsets.append(offset)
         amplitudes.append(a)
         lookups.append(index.astype(np.int8))

@@ -7,8 +7,12 @@ Per-cluster quantization parameters are arrays of length len(sizes).
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 from numpy.typing import NDArray
+
+_Scalar = TypeVar("_Scalar", bound=np.generic)  # expansions keep the dtype they are given
 
 
 def is_permutation(perm: NDArray[np.integer], length: int) -> bool:
@@ -42,15 +46,13 @@ def cluster_of_channel(perm: NDArray[np.integer], sizes: NDArray[np.integer]) ->
 
 
 def expand_to_channels(
-    values: NDArray[np.generic], perm: NDArray[np.integer], sizes: NDArray[np.integer]
-) -> NDArray[np.generic]:
+    values: NDArray[_Scalar], perm: NDArray[np.integer], sizes: NDArray[np.integer]
+) -> NDArray[_Scalar]:
     """Per-cluster values as a per-channel vector in the original channel order."""
     return values[cluster_of_channel(perm, sizes)]
 
 
-def expand_to_positions(
-    values: NDArray[np.generic], sizes: NDArray[np.integer]
-) -> NDArray[np.generic]:
+def expand_to_positions(values: NDArray[_Scalar], sizes: NDArray[np.integer]) -> NDArray[_Scalar]:
     """Per-cluster values as a per-channel vector in the reordered (contiguous) order."""
     return np.repeat(values, sizes)
 

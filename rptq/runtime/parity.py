@@ -28,6 +28,7 @@ class Comparison:
     argmax: tuple[int, ...]
 
     def describe(self) -> str:
+        """One line for failure messages: SQNR, the largest difference and where."""
         return f"SQNR {self.sqnr_db:.1f} dB, max |diff| {self.max_abs:.3g} at {self.argmax}"
 
 

@@ -71,6 +71,7 @@ class ReferenceModel:
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """Logits [B, T, V] of `input_ids` [B, T] (padding positions masked)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = embed(input_ids, attention_mask, self.model.weights)

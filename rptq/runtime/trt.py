@@ -77,6 +77,7 @@ class EngineOptions:
 
     @property
     def workspace_bytes(self) -> int:
+        """The builder's workspace limit in bytes."""
         return int(self.workspace_gib * GIB)
 
 
@@ -105,7 +106,7 @@ class _LogForwarder:
             severity.VERBOSE: logging.DEBUG,
         }
 
-        class Forwarder(trt.ILogger):  # type: ignore[misc, name-defined]
+        class Forwarder(trt.ILogger):  # type: ignore[name-defined]
             def __init__(self) -> None:
                 trt.ILogger.__init__(self)
                 self.errors: list[str] = []

@@ -43,7 +43,7 @@ def variant_weight(
     if quant.folded_scale is not None or quant.binary is not None or quant.lorc is not None:
         folded = quant.folded_scale
         if (folded is None) != (in_scale is None) or (
-            folded is not None and not np.array_equal(folded, in_scale)
+            folded is not None and in_scale is not None and not np.array_equal(folded, in_scale)
         ):
             raise PlanError(
                 f"plan weight {quant.fqn} was calibrated with other activation scales than this "

@@ -123,7 +123,7 @@ def float_dtype(tensor: gs.Tensor, where: str) -> np.dtype:
     return dtype
 
 
-def as_dtype(values: NDArray[np.floating], dtype: np.dtype, what: str) -> NDArray[np.floating]:
+def as_dtype(values: NDArray[np.number], dtype: np.dtype, what: str) -> NDArray[np.floating]:
     """Cast a folded float array to the graph dtype; a value that overflows is a PlanError."""
     cast = np.asarray(values, np.float64).astype(dtype, order="C")  # keeps a scalar 0-D
     if not np.all(np.isfinite(cast)):

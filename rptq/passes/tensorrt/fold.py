@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError
@@ -85,6 +86,8 @@ def _plan_layernorm(index: GraphIndex, vec: ActVectors, dtype: np.dtype) -> Edit
             f"node {ln.name}: gamma has {list(gamma.shape)} channels, {vec.quant.key} has "
             f"{vec.scale.shape[0]}"
         )
+    new_gamma: NDArray[np.floating]
+    new_beta: NDArray[np.floating]
     new_gamma, new_beta = fold_layernorm_affine(
         np.asarray(gamma.values, np.float32),
         np.asarray(beta.values, np.float32),

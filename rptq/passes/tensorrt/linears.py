@@ -169,7 +169,9 @@ def plan_linear(fold: LayerFold, linear: str) -> tuple[Edit, int] | None:
     if quant.binary is not None:
         return _binary_edit(fold, found, quant, order, in_vec, factor, offset, dtype)
     sym, plan_codes, plan_zero = _weight(fold, quant, found.weight, in_scale, order)
-    dq_scale = sym.scale.astype(np.float64) * (1.0 if factor is None else factor)
+    dq_scale: NDArray[np.floating] = sym.scale.astype(np.float64) * (
+        1.0 if factor is None else factor
+    )
     dq_scale = as_dtype(dq_scale, dtype, module)
     if np.any(dq_scale <= 0):
         raise PlanError(f"plan weight {module}: a folded scale underflows in {dtype}")
@@ -289,7 +291,7 @@ def _check_folded(
     folded = None if quant.folded_scale is None else quant.folded_scale[rows]
     expected = None if in_vec is None else in_vec.scale
     if (folded is None) != (expected is None) or (
-        folded is not None and not np.array_equal(folded, expected)
+        folded is not None and expected is not None and not np.array_equal(folded, expected)
     ):
         raise PlanError(
             f"plan weight {quant.fqn} was calibrated with other activation scales than this "
