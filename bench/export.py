@@ -56,10 +56,11 @@ def _log(message: str) -> None:
 
 def worker_fp_export(model_dir: Path, output: Path) -> None:
     """Plan-less FP export through rptq (the graph every quantized export starts from)."""
+    from rptq.exporter.options import ExportOptions
     from rptq.model.load import load_model
     from rptq.workflow import export_onnx
 
-    export_onnx(load_model(str(model_dir)), None, output, force=True)
+    export_onnx(load_model(str(model_dir)), None, output, ExportOptions(force=True))
 
 
 def worker_torch_export(model_dir: Path, output: Path, dynamo: bool) -> None:

@@ -93,10 +93,11 @@ def worker_floor(model_dir: Path, output: Path, json_out: Path) -> None:
 
 def worker_fp_export(model_dir: Path, output: Path, dtype: str) -> None:
     """Plan-less export through rptq's streamed exporter (`rptq-export export` needs a plan)."""
+    from rptq.exporter.options import ExportOptions
     from rptq.model.load import load_model
     from rptq.workflow import export_onnx
 
-    export_onnx(load_model(str(model_dir)), None, output, dtype=dtype, force=True)
+    export_onnx(load_model(str(model_dir)), None, output, ExportOptions(dtype, force=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +396,8 @@ def _report(args: argparse.Namespace, runs: list[SizeRun], argv: list[str],
         "windows, so calibration compute is small next to a real run while its memory pattern, "
         "one layer's inputs at a time, is the same)",
         "- rptq FP export: `python bench/scale.py fp-export MODEL OUT` = "
-        f"`rptq.workflow.export_onnx(load_model(MODEL), None, OUT, dtype={args.export_dtype!r})`"
+        "`rptq.workflow.export_onnx(load_model(MODEL), None, OUT, "
+        f"ExportOptions({args.export_dtype!r}))`"
         " (the streamed exporter without a plan; `rptq-export export` requires --plan)",
         "- torch.onnx.export: bench/export.py's `worker_torch_export` (OPTForCausalLM loaded as "
         "fp32, eager attention, opset 21, logits only, dynamo=False, external data); run only "

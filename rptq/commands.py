@@ -12,12 +12,15 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rptq.errors import ConfigError, DataError
 from rptq.io import check_output
 from rptq.log import human_bytes, peak_rss_bytes, stage
 from rptq.plan import QuantPlan, Recipe, Target
+
+if TYPE_CHECKING:
+    from rptq.exporter.options import ExportOptions
 
 log = logging.getLogger(__name__)
 Summary = dict[str, Any]
@@ -123,6 +126,7 @@ def _plan_summary(plan: QuantPlan) -> Summary:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> Summary:
+    """`calibrate`: write a plan directory."""
     output = Path(args.output)
     check_output(output, args.force)
     _, plan, elapsed = _calibrate(args, 3)
@@ -149,6 +153,13 @@ def _pass_target(args: argparse.Namespace) -> Target:
     return target
 
 
+def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
+    """The export flags of `run` and `export` as one ExportOptions."""
+    from rptq.exporter.options import ExportOptions
+
+    return ExportOptions(args.dtype, args.opset, target, args.int4_block or 0, force=args.force)
+
+
 def _export_summary(summary: Any, plan: QuantPlan | None, target: Target = Target.ORT) -> Summary:
     return {
         "files": [f"{path} ({human_bytes(size)})" for path, size in summary.files],
@@ -162,6 +173,7 @@ def _export_summary(summary: Any, plan: QuantPlan | None, target: Target = Targe
 
 
 def cmd_run(args: argparse.Namespace) -> Summary:
+    """`run` (the default command): calibrate, or load --plan, then export."""
     from rptq.model.load import load_model
     from rptq.workflow import export_onnx
 
@@ -174,13 +186,12 @@ def cmd_run(args: argparse.Namespace) -> Summary:
     else:
         model, plan, _ = _calibrate(args, 4)
     with stage(4, 4, f"exporting {output}"):
-        summary = export_onnx(
-            model, plan, output, args.dtype, args.opset, args.force, target, args.int4_block or 0
-        )
+        summary = export_onnx(model, plan, output, _export_options(args, target))
     return _export_summary(summary, plan, target)
 
 
 def cmd_export(args: argparse.Namespace) -> Summary:
+    """`export`: MODEL and an optional --plan to ONNX (FP without a plan)."""
     from rptq.model.load import load_model
     from rptq.workflow import export_onnx
 
@@ -193,9 +204,7 @@ def cmd_export(args: argparse.Namespace) -> Summary:
         if args.plan:
             plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
     with stage(2, 2, f"exporting {output}"):
-        summary = export_onnx(
-            model, plan, output, args.dtype, args.opset, args.force, target, args.int4_block or 0
-        )
+        summary = export_onnx(model, plan, output, _export_options(args, target))
     return _export_summary(summary, plan, target)
 
 
@@ -211,11 +220,13 @@ def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
 
 
 def cmd_eval(args: argparse.Namespace) -> Summary:
+    """`eval`: perplexity of a model, its plan's reference, an .onnx file or an engine."""
     from rptq.data import EVAL_DATASETS, eval_tokens, eval_windows, load_tokenizer, resolve_data_dir
-    from rptq.workflow import evaluate, parse_list
+    from rptq.workflow import LogitsFn, evaluate, parse_list
 
     datasets = parse_list(args.datasets, EVAL_DATASETS, "dataset")
     path = Path(args.model)
+    logits_fn: LogitsFn
     if _cli_target(args) is Target.TRT and not args.plan:
         raise ConfigError(
             "--target tensorrt evaluates the TensorRT variant's reference of a --plan; an .onnx "
@@ -271,11 +282,13 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
 
 
 def cmd_inspect(args: argparse.Namespace) -> Summary:
+    """`inspect`: summarize a plan directory."""
     plan = QuantPlan.load(Path(args.plan))
     return {"plan": args.plan, **_plan_summary(plan), "provenance": plan.provenance}
 
 
 def cmd_demo(args: argparse.Namespace) -> Summary:
+    """`demo`: the whole pipeline on an embedded tiny model, offline."""
     from rptq.demo import run_demo
 
     return run_demo(Path(args.output_dir) if args.output_dir else None, steps=args.steps)

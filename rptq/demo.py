@@ -136,6 +136,7 @@ def train_tiny_model(steps: int, seed: int = 0) -> Any:
 
 def run_demo(output_dir: Path | None, steps: int = 200) -> dict[str, Any]:
     """Train, calibrate, export and evaluate; returns the CLI summary."""
+    from rptq.exporter.options import ExportOptions
     from rptq.model.load import from_module
     from rptq.plan import Recipe
     from rptq.runtime.ort import OrtLogits, make_session
@@ -145,7 +146,7 @@ def run_demo(output_dir: Path | None, steps: int = 200) -> dict[str, Any]:
 
     started = time.perf_counter()
     keep = output_dir is not None
-    workdir = Path(output_dir) if keep else Path(tempfile.mkdtemp(prefix="rptq-demo-"))
+    workdir = Path(output_dir or tempfile.mkdtemp(prefix="rptq-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     with stage(1, 3, f"training an embedded 2-layer OPT for {steps} steps on a synthetic corpus"):
         model = from_module(train_tiny_model(steps), name="rptq-demo-opt")
@@ -167,7 +168,7 @@ def run_demo(output_dir: Path | None, steps: int = 200) -> dict[str, Any]:
             )
             plan = calibrate_windows(model, calib, recipe)
             onnx_path = workdir / f"demo-{recipe.label().lower()}.onnx"
-            summary = export_onnx(model, plan, onnx_path, force=True)
+            summary = export_onnx(model, plan, onnx_path, ExportOptions(force=True))
             plans.append((plan, onnx_path, summary))
     with stage(3, 3, "perplexity: PyTorch fake-quant reference vs ONNX Runtime"):
         for plan, onnx_path, summary in plans:

@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from rptq.calib.runner import calibrate
+from rptq.exporter.options import ExportDtype, ExportOptions
 from rptq.log import Progress
 from rptq.model.load import LoadedModel
 from rptq.plan import QuantPlan, Recipe, Target
@@ -50,17 +51,19 @@ class ExportSummary:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of every file written."""
         return sum(size for _, size in self.files)
 
     @property
     def qdq_nodes(self) -> int:
+        """QuantizeLinear plus DequantizeLinear nodes in the graph."""
         return self.op_counts.get("QuantizeLinear", 0) + self.op_counts.get("DequantizeLinear", 0)
 
 
 def quantized_graph(
     model: LoadedModel,
     plan: QuantPlan | None,
-    dtype: str = "float32",
+    dtype: ExportDtype = "float32",
     opset: int = 21,
     target: Target = Target.ORT,
     int4_block_size: int = 0,
@@ -77,7 +80,7 @@ def quantized_graph(
     from rptq.passes.context import PassContext
     from rptq.passes.pipeline import run_passes
 
-    graph = build_fp_graph(model, dtype=dtype, opset=opset)  # type: ignore[arg-type]
+    graph = build_fp_graph(model, dtype=dtype, opset=opset)
     if plan is not None:
         ctx = PassContext(
             plan=plan,
@@ -95,12 +98,7 @@ def export_onnx(
     model: LoadedModel,
     plan: QuantPlan | None,
     output: Path,
-    dtype: str = "float32",
-    opset: int = 21,
-    force: bool = False,
-    target: Target = Target.ORT,
-    int4_block_size: int = 0,
-    external_data: bool | None = None,
+    options: ExportOptions | None = None,
 ) -> ExportSummary:
     """Export layer by layer (rptq.exporter.stream) with a progress bar; report files, sizes
     and op counts. Peak memory is about one decoder layer plus the graph's nodes."""
@@ -112,18 +110,7 @@ def export_onnx(
         def advance(done: int, parts: int, data_bytes: int) -> None:
             bar.update(done, f"{data_bytes / 2**20:,.0f} MiB written")
 
-        result = export_streamed(
-            model,
-            plan,
-            Path(output),
-            dtype=dtype,  # type: ignore[arg-type]
-            opset=opset,
-            force=force,
-            target=target,
-            int4_block_size=int4_block_size,
-            external_data=external_data,
-            progress=advance,
-        )
+        result = export_streamed(model, plan, Path(output), options, progress=advance)
     label = plan.recipe.label() if plan is not None else "FP"
     return ExportSummary(
         [(p, p.stat().st_size) for p in result.files], label, dict(result.op_counts)

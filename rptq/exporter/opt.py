@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,13 +22,13 @@ from onnx import TensorProto, helper, numpy_helper
 import rptq
 from rptq import names
 from rptq.errors import ConfigError
+from rptq.exporter.options import ExportDtype
 from rptq.model.forward import LN_EPS, POSITION_OFFSET, LayerWeights, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.shape import OptShape
 from rptq.model.weights import EMBED_POSITIONS, EMBED_TOKENS, FINAL_LN, LM_HEAD
 from rptq.points import Act
 
-ExportDtype = Literal["float32", "float16"]
 MIN_OPSET, MAX_OPSET = 21, 25  # Q/DQ with INT4/INT16 needs 21; TensorRT 11 parses up to 25
 _NP_DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float16": np.float16}
 _ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}

@@ -23,15 +23,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from rptq.exporter.opt import (
-    ExportDtype,
     head_fragment,
     layer_fragment,
     prologue_fragment,
 )
+from rptq.exporter.options import ExportDtype, ExportOptions
 from rptq.exporter.parts import Part, layout_part, merge_records
 from rptq.exporter.save import OnnxWriter, copy_fields
 from rptq.model.load import LoadedModel
-from rptq.plan import QuantPlan, Target
+from rptq.plan import QuantPlan
 
 # progress(parts done, parts in all, bytes in the data file so far)
 ProgressFn = Callable[[int, int, int], None]
@@ -99,12 +99,7 @@ def export_streamed(
     model: LoadedModel,
     plan: QuantPlan | None,
     output: Path,
-    dtype: ExportDtype = "float32",
-    opset: int = 21,
-    force: bool = False,
-    target: Target = Target.ORT,
-    int4_block_size: int = 0,
-    external_data: bool | None = None,
+    options: ExportOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> StreamedExport:
     """Build, transform and write the model fragment by fragment (see the module docstring).
@@ -117,11 +112,13 @@ def export_streamed(
     from rptq.passes.context import PassContext
     from rptq.passes.pipeline import transform_graph
 
+    options = options or ExportOptions()
+    dtype, opset = options.dtype, options.opset
     total = model.shape.num_layers + 2
     counts: Counter[str] = Counter()
     docs: list[str] = []
     header = onnx.ModelProto()
-    with OnnxWriter(Path(output), force, external_data) as writer:
+    with OnnxWriter(Path(output), options.force, options.external_data) as writer:
         for done, (layer, build) in enumerate(_fragments(model, dtype, opset), start=1):
             fragment = build()
             if done == 1:
@@ -134,9 +131,9 @@ def export_streamed(
             else:
                 ctx = PassContext(
                     plan=plan.for_layer(layer),
-                    target=target,
+                    target=options.target,
                     opset=opset,
-                    int4_block_size=int4_block_size,
+                    int4_block_size=options.int4_block_size,
                 )
                 graph, _ = transform_graph(fragment, ctx)
                 export = OnnxExporter.export_value_info_proto

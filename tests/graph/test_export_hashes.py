@@ -31,6 +31,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from rptq.exporter.options import ExportOptions
 from rptq.exporter.save import save_onnx
 from rptq.exporter.stream import export_streamed
 from rptq.workflow import quantized_graph
@@ -113,15 +114,8 @@ def hash_plans(tiny_loaded):
 def export_digests(loaded, plan, target, dtype, block, directory: Path) -> tuple[str, str, str]:
     """Digests of the streamed export (model, external data) and of the whole graph, inline."""
     streamed = directory / "streamed.onnx"
-    files = export_streamed(
-        loaded,
-        plan,
-        streamed,
-        dtype=dtype,
-        target=target,
-        int4_block_size=block,
-        external_data=True,
-    ).files
+    options = ExportOptions(dtype, target=target, int4_block_size=block, external_data=True)
+    files = export_streamed(loaded, plan, streamed, options).files
     assert sorted(p.name for p in files) == ["streamed.onnx", "streamed.onnx.data"]
     whole = quantized_graph(loaded, plan, dtype=dtype, target=target, int4_block_size=block)
     inline = save_onnx(whole, directory / "whole.onnx", external_data=False)

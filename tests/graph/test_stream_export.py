@@ -10,6 +10,7 @@ import pytest
 
 from rptq import names
 from rptq.exporter.opt import head_fragment, layer_fragment, prologue_fragment
+from rptq.exporter.options import ExportOptions
 from rptq.exporter.parts import part_key, split_parts, topological_nodes
 from rptq.exporter.save import save_onnx
 from rptq.exporter.stream import export_streamed
@@ -55,9 +56,7 @@ def test_streamed_export_is_byte_identical(
         tiny_loaded,
         plan,
         tmp_path / "streamed" / "m.onnx",
-        dtype=dtype,
-        target=target,
-        external_data=external,
+        ExportOptions(dtype, target=target, external_data=external),
     ).files
     assert [p.name for p in got] == [p.name for p in expected]
     assert len(got) == (2 if external else 1)
@@ -71,7 +70,7 @@ def test_streamed_export_writes_the_data_file_layer_by_layer(tiny_loaded, w4a4_p
         tiny_loaded,
         w4a4_plan,
         tmp_path / "m.onnx",
-        external_data=True,
+        ExportOptions(external_data=True),
         progress=lambda done, total, written: seen.append((done, total, written)),
     )
     parts = tiny_loaded.shape.num_layers + 2
@@ -153,7 +152,9 @@ def test_streamed_export_runs_in_ort_like_the_reference(tiny_loaded, w4a4_plan, 
     """The file itself computes the whole graph's logits (not only its bytes)."""
     from rptq.runtime.ort import make_session
 
-    files = export_streamed(tiny_loaded, w4a4_plan, tmp_path / "m.onnx", external_data=True).files
+    files = export_streamed(
+        tiny_loaded, w4a4_plan, tmp_path / "m.onnx", ExportOptions(external_data=True)
+    ).files
     ids = np.random.default_rng(0).integers(0, 512, (2, 16), dtype=np.int64)
     feeds = {names.GRAPH_INPUT_IDS: ids, names.GRAPH_ATTENTION_MASK: np.ones_like(ids)}
     streamed = make_session(str(files[-1])).run(None, feeds)[0]

@@ -1,0 +1,37 @@
+"""How an export is written, as one value: `export_onnx` and `export_streamed` take it whole
+instead of a growing parameter list, and the CLI builds it once from its flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from rptq.errors import ConfigError
+from rptq.plan import Target
+
+ExportDtype = Literal["float32", "float16"]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything about an export except the model, the plan and the output path.
+
+    `target` "trt" writes the TensorRT variant (docs/tensorrt-rules.md, "Implementation"), and
+    `int4_block_size` (64/128, TensorRT only) stores its weights as blocked INT4; the passes
+    check those against the plan (rptq.passes.context.PassContext). `external_data` None lets
+    the writer choose by size (rptq.exporter.save); `force` overwrites existing outputs.
+    """
+
+    dtype: ExportDtype = "float32"
+    opset: int = 21
+    target: Target = Target.ORT
+    int4_block_size: int = 0
+    external_data: bool | None = None
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in get_args(ExportDtype):
+            raise ConfigError(f"--dtype {self.dtype} is not supported; use float32 or float16")
+        if self.target not in {t.value for t in Target}:
+            raise ConfigError(f"target must be 'ort' or 'trt', got {self.target!r}")
+        object.__setattr__(self, "target", Target(self.target))
