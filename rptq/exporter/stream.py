@@ -64,7 +64,7 @@ def _write_graph(graph: gs.Graph, writer: OnnxWriter) -> Part:
     """
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-    from rptq.passes.quantize_weights import wrap_packed_constants
+    from rptq.passes.graph_ops import wrap_packed_constants
 
     wrap_packed_constants(graph)
     nodes = [OnnxExporter.export_node(node) for node in graph.nodes]

@@ -23,13 +23,9 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import GraphIndex, PassContext, PassResult
-from rptq.passes.quantize_weights import (
-    add_dequantize,
-    check_relative_error,
-    packed_nbytes,
-    weight_matmul,
-)
+from rptq.passes.context import PassContext, PassResult
+from rptq.passes.graph_ops import GraphIndex, add_dequantize, packed_nbytes, weight_matmul
+from rptq.passes.quantize_weights import check_relative_error
 from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.plan_weights import binary_index
 from rptq.quant.bcq import binary_weight, planes_of

@@ -74,65 +74,9 @@ class Pass(Protocol):
         ...
 
 
-# --- graph lookups shared by the passes -------------------------------------------------------
-# Names come from rptq.names; these helpers only turn "missing or different" into one-line
-# GraphPatternErrors that name the node and the pattern the pass expected.
+# --- fold records shared by the passes (graph lookups: rptq.passes.graph_ops) ---------------
 
 FOLD_RECORD_PREFIX = "rptq.folded:"
-
-
-class GraphIndex:
-    """Nodes and tensors of a graph by name, built once per pass (names are unique in ONNX)."""
-
-    def __init__(self, graph: gs.Graph) -> None:
-        self.graph = graph
-        self.nodes: dict[str, gs.Node] = {n.name: n for n in graph.nodes if n.name}
-        self.tensors: dict[str, gs.Tensor] = graph.tensors()
-
-    def node(self, name: str, op: str, pattern: str) -> gs.Node:
-        """The node called `name`, which must be an `op`."""
-        found = self.nodes.get(name)
-        if found is None:
-            raise GraphPatternError(f"node {name} not found; expected {pattern}")
-        if found.op != op:
-            raise GraphPatternError(f"node {name} is a {found.op}, expected {op} in {pattern}")
-        return found
-
-    def constant_input(
-        self, node: gs.Node, slot: int, name: str, ndim: int, pattern: str
-    ) -> gs.Constant:
-        """Input `slot` of `node`: an initializer called `name` of rank `ndim`, used only there.
-
-        A single consumer is required because the passes replace the array: a shared initializer
-        (a tied weight) would change another node's function too.
-        """
-        if len(node.inputs) <= slot:
-            raise GraphPatternError(f"node {node.name} has no input {slot}; expected {pattern}")
-        tensor = node.inputs[slot]
-        if not isinstance(tensor, gs.Constant) or tensor.name != name:
-            raise GraphPatternError(
-                f"node {node.name} input {slot} is {tensor.name!r}, expected initializer {name} "
-                f"in {pattern}"
-            )
-        if len(tensor.shape) != ndim:
-            raise GraphPatternError(
-                f"initializer {name} has shape {list(tensor.shape)}, expected rank {ndim} "
-                f"in {pattern}"
-            )
-        if len(tensor.outputs) != 1:
-            raise GraphPatternError(
-                f"initializer {name} feeds {len(tensor.outputs)} nodes, expected only {node.name}"
-            )
-        return tensor
-
-
-def rewire_consumers(consumers: list[gs.Node], source: gs.Tensor, target: gs.Tensor) -> None:
-    """Make `consumers` read `target` wherever they read `source` (take the list before adding
-    the nodes that read `source` themselves)."""
-    for consumer in consumers:
-        for slot, tensor in enumerate(consumer.inputs):
-            if tensor is source:
-                consumer.inputs[slot] = target
 
 
 def perm_digest(perm: NDArray[np.integer]) -> str:

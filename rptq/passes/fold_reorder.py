@@ -17,22 +17,14 @@ import onnx_graphsurgeon as gs
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import (
-    GraphIndex,
-    PassContext,
-    PassResult,
-    folded_sites,
-    perm_digest,
-    record_folded,
-)
-from rptq.passes.insert_qdq import graph_float_dtype
+from rptq.passes.context import PassContext, PassResult, folded_sites, perm_digest, record_folded
+from rptq.passes.graph_ops import LINEAR_PATTERN, GraphIndex, find_linear, graph_float_dtype
 from rptq.plan import QuantPlan, ReorderSite
 from rptq.points import LAYERNORM_SITE, LINEAR_INPUT_SITE, LINEAR_OUTPUT_SITE, REORDERS, Reorder
 from rptq.quant.clusters import is_block_diagonal, is_permutation
 from rptq.quant.fold import permute_layernorm, permute_matmul_cols, permute_matmul_rows
 
 LN_PATTERN = "LayerNormalization(h, <ln>.weight, <ln>.bias) (docs/graph.md)"
-LINEAR_PATTERN = "MatMul(x, <module>.weight [in, out]) -> Add(<module>.bias) (docs/graph.md)"
 
 Edit = Callable[[], None]
 
@@ -195,14 +187,8 @@ def _plan_cols(
     index: GraphIndex, site: ReorderSite, linear: str, layout: _Layout, touched: list[str]
 ) -> Edit:
     """Check one linear whose output must come out permuted; return the edit for columns+bias."""
-    module, matmul, weight = _linear(index, site.layer, linear)
-    add = index.node(names.node(module, "Add"), "Add", LINEAR_PATTERN)
-    if len(add.inputs) != 2 or add.inputs[0] is not matmul.outputs[0]:
-        raise GraphPatternError(
-            f"node {add.name} does not add a bias to {matmul.name}'s output; expected "
-            f"{LINEAR_PATTERN}"
-        )
-    bias = index.constant_input(add, 1, names.bias(module), 1, LINEAR_PATTERN)
+    found = find_linear(index, names.module(site.layer, linear))
+    matmul, weight, bias = found.matmul, found.weight, found.bias
     width = layout.width(site.point)
     if weight.shape[1] != width or bias.shape[0] != width:
         raise GraphPatternError(

@@ -18,14 +18,8 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import (
-    GraphIndex,
-    PassContext,
-    PassResult,
-    check_site_folded,
-    folded_sites,
-    rewire_consumers,
-)
+from rptq.passes.context import PassContext, PassResult, check_site_folded, folded_sites
+from rptq.passes.graph_ops import GraphIndex, graph_float_dtype, rewire_consumers
 from rptq.plan import ActQuant, QuantPlan, ReorderSite
 from rptq.points import SITE_OF
 from rptq.quant.clusters import expand_to_positions
@@ -47,21 +41,6 @@ class ActQdq:
     zero: NDArray[np.signedinteger]
     clip: tuple[NDArray[np.floating], NDArray[np.floating]] | None  # (low, high) or no clamp
     axis: int | None  # None: per tensor
-
-
-def graph_float_dtype(graph: gs.Graph) -> np.dtype:
-    """The export dtype, read from the graph's float output.
-
-    A whole rptq graph has `logits`; a streamed fragment (rptq.exporter.stream) has one decoder
-    layer's output instead, and the passes must read the same dtype from either.
-    """
-    for out in graph.outputs:
-        if out.dtype is not None and np.dtype(out.dtype) in _FLOAT_TYPES:
-            return np.dtype(out.dtype)
-    raise GraphPatternError(
-        f"graph output {names.GRAPH_LOGITS} with dtype float32 or float16 not found; "
-        "expected an rptq FP graph (docs/graph.md)"
-    )
 
 
 def _site_of(plan: QuantPlan, quant: ActQuant) -> ReorderSite | None:

@@ -17,8 +17,8 @@ from numpy.typing import NDArray
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.binary_weights import graph_order
-from rptq.passes.context import GraphIndex, PassContext, PassResult
-from rptq.passes.quantize_weights import add_dequantize, packed_nbytes
+from rptq.passes.context import PassContext, PassResult
+from rptq.passes.graph_ops import GraphIndex, add_dequantize, packed_nbytes
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.plan_weights import LowRankFactor
 from rptq.quant.qparams import container_bits
@@ -77,6 +77,7 @@ def _check(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> tuple[gs.N
     n = names.lorc(quant.fqn)
     if n["add_node"] in index.nodes:
         raise GraphPatternError(f"node {n['add_node']} already exists: LoRC branch already added")
+    # not graph_ops.find_linear: the MatMul's weight is a DequantizeLinear output by now
     matmul = index.node(names.node(quant.fqn, "MatMul"), "MatMul", LINEAR_PATTERN)
     add = index.node(names.node(quant.fqn, "Add"), "Add", LINEAR_PATTERN)
     if add.inputs[0] is not matmul.outputs[0]:

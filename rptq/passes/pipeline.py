@@ -17,9 +17,10 @@ from rptq.errors import ConfigError, GraphPatternError, PlanError
 from rptq.passes.binary_weights import binary_weights
 from rptq.passes.context import Pass, PassContext, PassResult
 from rptq.passes.fold_reorder import fold_reorder
+from rptq.passes.graph_ops import wrap_packed_constants
 from rptq.passes.insert_qdq import insert_act_qdq
 from rptq.passes.lowrank import lowrank_branches
-from rptq.passes.quantize_weights import quantize_weights, wrap_packed_constants
+from rptq.passes.quantize_weights import quantize_weights
 from rptq.passes.tensorrt.fold import trt_fold
 from rptq.passes.tensorrt.qdq import trt_insert_qdq
 from rptq.plan import Target

@@ -5,12 +5,8 @@ B = W^T [in, out] with rows permuted by the input reorder and columns by the out
 which rptq.quant.fold.permute_weight_codes produces (the same maths fold_reorder used on the
 float weight). DequantizeLinear(axis=1) then yields exactly the dequantized folded weight.
 
-INT4 initializers: onnx-graphsurgeon 0.6.1 exports a Constant with `tensor.values.tobytes()`,
-which for an ml_dtypes.int4 array is one byte per element while ONNX expects two per byte, so
-export fails ("Raw data size does not match"). Constants whose values are a LazyValues wrapping
-an onnx.TensorProto are exported verbatim, so INT4 codes are built with
-onnx.numpy_helper.from_array (which packs them) and wrapped; `wrap_packed_constants` re-wraps
-any INT4 array a later reader loaded (reading `Constant.values` replaces the wrapper).
+INT4 codes are packed two per byte by the DequantizeLinear builder of rptq.passes.graph_ops
+(see there why onnx-graphsurgeon needs that).
 """
 
 from __future__ import annotations
@@ -21,12 +17,17 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
-from onnx import numpy_helper
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
-from rptq.passes.context import GraphIndex, PassContext, PassResult
+from rptq.passes.context import PassContext, PassResult
+from rptq.passes.graph_ops import (
+    PACKED_DTYPES,
+    GraphIndex,
+    add_dequantize,
+    packed_nbytes,
+    weight_matmul,
+)
 from rptq.plan import QuantPlan, WeightQuant
 from rptq.quant.fold import permute_weight_codes
 from rptq.quant.groups import grouped_weight_layout
@@ -42,55 +43,7 @@ MAX_ERROR_STEPS = 1.51
 # tiny model: 0.6 at most for 2-bit GPTQ codes of the right weight, about 1.4 (√2) for a
 # permuted one.
 MAX_RELATIVE_ERROR = 1.0
-_PACKED_DTYPES = (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4))
 _CONTAINERS: dict[int, type] = {4: ml_dtypes.int4, 8: np.int8, 16: np.int16}
-MATMUL_PATTERN = "MatMul(x, <module>.weight [in, out]) (docs/graph.md)"
-
-
-def packed_constant(name: str, array: NDArray[np.generic]) -> gs.Constant:
-    """A Constant that exports correctly even for INT4 (see the module docstring)."""
-    return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
-
-
-def add_dequantize(
-    graph: gs.Graph,
-    node: str,
-    output: str,
-    codes: tuple[str, NDArray[np.generic]],
-    scale: tuple[str, NDArray[np.floating]],
-    zero: tuple[str, NDArray[np.generic]],
-    attrs: dict[str, int],
-) -> gs.Variable:
-    """Append `node` = DequantizeLinear of three (name, array) constants (INT4 packed); returns
-    its float output `output`, shaped like the codes, in the scale's dtype."""
-    out = gs.Variable(output, dtype=scale[1].dtype, shape=list(codes[1].shape))
-    inputs = [
-        packed_constant(*codes),
-        gs.Constant(scale[0], np.ascontiguousarray(scale[1])),
-        packed_constant(*zero),
-    ]
-    graph.nodes.append(
-        gs.Node("DequantizeLinear", name=node, attrs=attrs, inputs=inputs, outputs=[out])
-    )
-    return out
-
-
-def wrap_packed_constants(graph: gs.Graph) -> int:
-    """Re-wrap INT4/UINT4 arrays as packed TensorProtos before gs export; returns how many."""
-    wrapped = 0
-    for tensor in graph.tensors().values():
-        values = getattr(tensor, "_values", None)
-        if isinstance(values, np.ndarray) and values.dtype in _PACKED_DTYPES:
-            tensor.values = packed_constant(tensor.name, values)._values
-            wrapped += 1
-    return wrapped
-
-
-def packed_nbytes(dtype: np.dtype, size: int) -> int:
-    """Bytes an ONNX initializer of `size` elements takes (INT4 packs two per byte)."""
-    if np.dtype(dtype) in _PACKED_DTYPES:
-        return (size + 1) // 2
-    return size * np.dtype(dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -105,19 +58,6 @@ class _Prepared:
 
     def nbytes(self) -> int:
         return sum(packed_nbytes(a.dtype, a.size) for a in (self.codes, self.scale, self.zero))
-
-
-def weight_matmul(index: GraphIndex, quant: WeightQuant) -> tuple[gs.Node, gs.Constant]:
-    """The MatMul of a plan weight and its [in, out] initializer, which must fit the codes."""
-    matmul = index.node(names.node(quant.fqn, "MatMul"), "MatMul", MATMUL_PATTERN)
-    weight = index.constant_input(matmul, 1, names.weight(quant.fqn), 2, MATMUL_PATTERN)
-    out_ch, in_ch = quant.codes.shape
-    if tuple(weight.shape) != (in_ch, out_ch):
-        raise GraphPatternError(
-            f"initializer {weight.name} has shape {list(weight.shape)}, but the plan's codes "
-            f"need [{in_ch}, {out_ch}] (node {matmul.name})"
-        )
-    return matmul, weight
 
 
 def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepared:
@@ -236,7 +176,7 @@ def quantize_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
             if item.block_size
             else {"axis": WEIGHT_AXIS},
         )
-        int4 += int(item.codes.dtype in _PACKED_DTYPES)
+        int4 += int(item.codes.dtype in PACKED_DTYPES)
     return PassResult(
         quantize_weights.__name__,
         counts={

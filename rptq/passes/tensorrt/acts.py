@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
 
 from rptq import names
-from rptq.errors import GraphPatternError, PlanError
+from rptq.errors import PlanError
 from rptq.passes.context import check_site_folded
 from rptq.plan import ActQuant, QuantPlan
 from rptq.points import SITE_OF, Act
@@ -113,19 +113,3 @@ def record_trt_folded(graph: gs.Graph, acts: dict[str, str]) -> None:
     """Write what trt_fold folded into the graph's doc_string (it survives export/import)."""
     line = TRT_RECORD_PREFIX + " ".join(f"{key}={digest}" for key, digest in acts.items())
     graph.doc_string = f"{graph.doc_string}\n{line}" if graph.doc_string else line
-
-
-def float_dtype(tensor: gs.Tensor, where: str) -> np.dtype:
-    """The graph's float dtype, read from a float initializer (float32 or float16)."""
-    dtype = np.dtype(tensor.dtype)
-    if dtype not in _DTYPES:
-        raise GraphPatternError(f"{where}: {tensor.name} is {dtype}, expected float32 or float16")
-    return dtype
-
-
-def as_dtype(values: NDArray[np.number], dtype: np.dtype, what: str) -> NDArray[np.floating]:
-    """Cast a folded float array to the graph dtype; a value that overflows is a PlanError."""
-    cast = np.asarray(values, np.float64).astype(dtype, order="C")  # keeps a scalar 0-D
-    if not np.all(np.isfinite(cast)):
-        raise PlanError(f"{what}: a folded value is not representable in {dtype}; recalibrate")
-    return cast

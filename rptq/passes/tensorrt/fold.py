@@ -28,21 +28,14 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError
-from rptq.passes.context import (
-    GraphIndex,
-    PassContext,
-    PassResult,
-    folded_sites,
-    rewire_consumers,
-)
-from rptq.passes.insert_qdq import graph_float_dtype
+from rptq.passes.context import PassContext, PassResult, folded_sites
+from rptq.passes.graph_ops import GraphIndex, as_dtype, graph_float_dtype, rewire_consumers
 from rptq.passes.tensorrt.acts import (
     CONSUMER_POINTWISE,
     PRODUCER_POINTWISE,
     ActVectors,
     act_digest,
     act_vectors,
-    as_dtype,
     check_act_folded,
     is_trt_folded,
     record_trt_folded,

@@ -28,19 +28,18 @@ from numpy.typing import NDArray
 from rptq import names
 from rptq.errors import ConfigError, GraphPatternError, PlanError
 from rptq.passes.binary_weights import PLANE_AXIS, add_plane_products, graph_planes, plane_tensors
-from rptq.passes.context import GraphIndex
-from rptq.passes.lowrank import add_branch
-from rptq.passes.quantize_weights import (
+from rptq.passes.graph_ops import (
+    GraphIndex,
+    Linear,
     add_dequantize,
-    check_relative_error,
+    as_dtype,
+    find_linear,
+    float_dtype,
     packed_nbytes,
 )
-from rptq.passes.tensorrt.acts import (
-    OFFSET_AFTER_PRODUCER,
-    ActVectors,
-    as_dtype,
-    float_dtype,
-)
+from rptq.passes.lowrank import add_branch
+from rptq.passes.quantize_weights import check_relative_error
+from rptq.passes.tensorrt.acts import OFFSET_AFTER_PRODUCER, ActVectors
 from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.points import LINEAR_INPUT_ACT, LINEAR_OUTPUT_ACT, Act
 from rptq.quant.bcq import binary_weight
@@ -54,7 +53,6 @@ from rptq.quant.trt_weights import (
     trt_weight,
 )
 
-LINEAR_PATTERN = "MatMul(x, <module>.weight [in, out]) -> Add(<module>.bias) (docs/graph.md)"
 WEIGHT_AXIS = 1  # B is [in, out]: one scale per output channel = per column
 BLOCK_AXIS = 0  # INT4 blocks run along the input dim (rows of B)
 
@@ -72,17 +70,6 @@ class LayerFold:
     acts: dict[Act, ActVectors]
     head_factor: float | None  # head_dim^-½ of the removed q Mul (None: q not folded)
     int4_block: int  # 0: INT8 weights
-
-
-@dataclass(frozen=True)
-class _Linear:
-    """One linear's nodes and initializers: MatMul(x, weight) -> Add(bias)."""
-
-    module: str
-    matmul: gs.Node
-    weight: gs.Constant
-    add: gs.Node
-    bias: gs.Constant
 
 
 @dataclass(frozen=True)
@@ -119,16 +106,6 @@ def _check_width(vectors: ActVectors | None, width: int, where: str) -> None:
         )
 
 
-def _find(index: GraphIndex, module: str) -> _Linear:
-    matmul = index.node(names.node(module, "MatMul"), "MatMul", LINEAR_PATTERN)
-    weight = index.constant_input(matmul, 1, names.weight(module), 2, LINEAR_PATTERN)
-    add = index.node(names.node(module, "Add"), "Add", LINEAR_PATTERN)
-    if len(add.inputs) != 2 or add.inputs[0] is not matmul.outputs[0]:
-        raise GraphPatternError(f"node {add.name} does not add a bias to {matmul.name}")
-    bias = index.constant_input(add, 1, names.bias(module), 1, LINEAR_PATTERN)
-    return _Linear(module, matmul, weight, add, bias)
-
-
 def plan_linear(fold: LayerFold, linear: str) -> tuple[Edit, int] | None:
     """Check one linear and return (the edit that folds and quantizes it, weight bytes after).
 
@@ -141,7 +118,7 @@ def plan_linear(fold: LayerFold, linear: str) -> tuple[Edit, int] | None:
     quant = fold.plan.weight(module)
     if in_vec is None and out_vec is None and quant is None:
         return None
-    found = _find(fold.index, module)
+    found = find_linear(fold.index, module)
     dtype = float_dtype(found.weight, found.matmul.name)
     in_ch, out_ch = found.weight.shape
     _check_width(in_vec, in_ch, found.matmul.name)
@@ -208,7 +185,7 @@ def _lorc_matrix(quant: WeightQuant, order: tuple[NDArray, NDArray]) -> NDArray[
 
 def _with_branch(
     graph: gs.Graph,
-    linear: _Linear,
+    linear: Linear,
     quant: WeightQuant,
     order: tuple[NDArray[np.int64], NDArray[np.int64]],
     factor: NDArray[np.float64] | None,
@@ -236,7 +213,7 @@ def _with_branch(
 
 def _binary_edit(
     fold: LayerFold,
-    linear: _Linear,
+    linear: Linear,
     quant: WeightQuant,
     order: tuple[NDArray[np.int64], NDArray[np.int64]],
     in_vec: ActVectors | None,
@@ -328,7 +305,7 @@ def _weight(
 
 def _dequantize(
     graph: gs.Graph,
-    linear: _Linear,
+    linear: Linear,
     codes: NDArray[np.generic],
     scale: NDArray[np.floating],
     zero: NDArray[np.generic],
@@ -348,7 +325,7 @@ def _dequantize(
 
 
 def _int4_edit(
-    graph: gs.Graph, linear: _Linear, prepared: _Quantized, block: int
+    graph: gs.Graph, linear: Linear, prepared: _Quantized, block: int
 ) -> tuple[Edit, int]:
     """INT4 blocked weight: same values as the INT8 form (block scales repeat the channel's)."""
     sym = prepared.symmetric
@@ -383,7 +360,7 @@ def _int4_edit(
     return edit, size + packed_nbytes(zero.dtype, zero.size)
 
 
-def _subtract_zero_points(graph: gs.Graph, linear: _Linear, row: NDArray[np.floating]) -> None:
+def _subtract_zero_points(graph: gs.Graph, linear: Linear, row: NDArray[np.floating]) -> None:
     """y = x·DQ(C) − ReduceSum(x) ⊗ (s_w∘z_w): the zero points of a symmetric-stored weight."""
     n = names.weight_zero_correction(linear.module)
     x, y = linear.matmul.inputs[0], linear.add.inputs[0]

@@ -19,9 +19,9 @@ from numpy.typing import NDArray
 
 from rptq import names
 from rptq.errors import GraphPatternError
-from rptq.passes.context import GraphIndex, PassContext, PassResult, rewire_consumers
-from rptq.passes.insert_qdq import graph_float_dtype
-from rptq.passes.tensorrt.acts import act_digest, as_dtype, quantized_input_name, trt_folded
+from rptq.passes.context import PassContext, PassResult
+from rptq.passes.graph_ops import GraphIndex, as_dtype, graph_float_dtype, rewire_consumers
+from rptq.passes.tensorrt.acts import act_digest, quantized_input_name, trt_folded
 from rptq.plan import ActQuant
 from rptq.points import SITE_OF
 from rptq.quant.qparams import grid_bounds
