@@ -58,7 +58,8 @@ def test_headline_command_runs_with_no_other_flag(hf_home, tmp_path):
     done = rptq_export(["facebook/opt-125m", "--abits", "4", "-o", "model.onnx"], tmp_path, hf_home)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert "files:" in out and "model.onnx" in out, out
+    assert "files:" in out, out
+    assert "model.onnx" in out, out
     assert "calibration text: c4-builtin" in out, out
     assert "calibration windows: 128 x 64 tokens" in out, out  # capped: 128 fit in the text
     assert "device: cpu" in out or "device: cuda:0" in out, out
