@@ -211,7 +211,14 @@ def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
 
     from rptq.exporter.opt import META_SHAPE
 
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file at all
+        raise ConfigError(
+            f"{path} is not an ONNX model ({type(exc).__name__}): pass a file written by "
+            "`rptq-export`"
+        ) from None
+    meta = {p.key: p.value for p in proto.metadata_props}
     if META_SHAPE not in meta:
         raise ConfigError(f"{path} was not exported by rptq (no {META_SHAPE} metadata)")
     return int(json.loads(meta[META_SHAPE])["max_positions"]), None

@@ -72,7 +72,9 @@ def read_config(directory: Path) -> Any:
     try:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_file} is not valid JSON ({exc.msg})") from None
+        raise ModelError(
+            f"{config_file} is not valid JSON ({exc.msg}); fix it or re-download the model"
+        ) from None
     model_type = raw.get("model_type")
     if model_type != "opt":
         raise ModelError(
