@@ -269,9 +269,10 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
     seq_len = args.seq_len or max_positions
     data_dir = optional_data_dir(args.data_dir)
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else model_dir, data_dir)
-    windows = {}
+    windows, sources = {}, {}
     for name in datasets:
         text = eval_text(name, tokenizer, data_dir, seq_len)
+        sources[name] = f"{text.source} ({text.tokens.numel():,} tokens)"
         windows[name] = eval_windows(text.tokens, seq_len)[: args.limit]
         if len(windows[name]) == 0:
             raise DataError(f"--limit {args.limit} leaves no {name} windows; use 1 or more")
@@ -282,6 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
         "seq_len": seq_len,
         "perplexity": {name: round(r.ppl, 4) for name, r in results.items()},
         "windows": {name: r.windows for name, r in results.items()},
+        "text": sources,
     }
 
 

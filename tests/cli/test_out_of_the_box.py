@@ -102,10 +102,18 @@ def test_builtin_text_is_in_the_package_and_its_default_windows_scale_down():
 @pytest.mark.slow
 def test_built_wheel_ships_the_calibration_text(tmp_path):
     """A non-editable install gets the sample: it is package data of the wheel."""
+    import shutil
+
     pytest.importorskip("setuptools")
+    source = tmp_path / "src"  # a copy: the build's egg-info and build/ stay out of the checkout
+    shutil.copytree(
+        REPO_ROOT / "rptq", source / "rptq", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-         str(tmp_path), str(REPO_ROOT)],
+         str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if done.returncode != 0:
