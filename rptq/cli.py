@@ -16,6 +16,8 @@ from typing import Any
 
 from rptq import __version__
 from rptq import log as rlog
+from rptq.defaults import AUTO_DEVICE, PAPER_NSAMPLES
+from rptq.defaults import BUILTIN_CALIB_DATASET as DEFAULT_CALIB_DATASET
 from rptq.errors import RptqError
 from rptq.plan import CLI_TARGETS, Target
 from rptq.points import DEFAULT_CLUSTERS, Reorder
@@ -24,7 +26,7 @@ log = logging.getLogger("rptq.cli")
 
 SUBCOMMANDS = ("run", "calibrate", "export", "eval", "inspect", "demo", "check", "build-engine")
 EXAMPLES = {
-    "run": "rptq-export opt-6.7b --wbits 4 --abits 4 --calib-dataset c4 -o opt-6.7b-w4a4.onnx",
+    "run": "rptq-export facebook/opt-125m --abits 4 -o model.onnx",
     "calibrate": "rptq-export calibrate ./opt-125m --wbits 4 --abits 4 -o plans/opt-125m-w4a4",
     "export": "rptq-export export ./opt-125m --plan plans/opt-125m-w4a4 -o opt-125m-w4a4.onnx",
     "eval": "rptq-export eval opt-125m-w4a4.onnx --datasets wikitext2 --tokenizer ./opt-125m",
@@ -101,10 +103,17 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--calib-dataset",
-        default="wikitext2",
-        help="wikitext2, ptb, c4, mix, c4-sample, or a .txt file",
+        default=DEFAULT_CALIB_DATASET,
+        help=f"{DEFAULT_CALIB_DATASET} (default: C4 text shipped with rptq), or wikitext2, ptb, "
+        "c4, mix (from --data-dir, else the datasets library online), c4-sample, a .txt file",
     )
-    group.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    group.add_argument(
+        "--nsamples",
+        type=int,
+        default=None,
+        help=f"calibration windows (default: {PAPER_NSAMPLES}, capped for {DEFAULT_CALIB_DATASET} "
+        "at the windows its text holds without overlap)",
+    )
     group.add_argument(
         "--seq-len",
         type=int,
@@ -114,8 +123,9 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=2, help="calibration sampling seed")
     group.add_argument(
         "--device",
-        default="cpu",
-        help="calibration device: cpu, cuda, cuda:N, or several sharing the windows "
+        default=AUTO_DEVICE,
+        help="calibration device: auto (default: the first CUDA GPU, else cpu), cpu, cuda, "
+        "cuda:N, or several sharing the windows "
         "(cuda:0,cuda:1 or cuda:all, every visible GPU)",
     )
     _data_args(parser)

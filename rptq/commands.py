@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,9 @@ Summary = dict[str, Any]
 
 
 def _recipe(args: argparse.Namespace, max_positions: int | None = None) -> Recipe:
+    """The recipe; with no --nsamples, RPTQ's 128 until the text's own default is known."""
+    from rptq.defaults import PAPER_NSAMPLES
+
     seq_len = args.seq_len if args.seq_len is not None else (max_positions or 2048)
     fields: dict[str, Any] = {
         "wbits": args.wbits,
@@ -35,7 +37,7 @@ def _recipe(args: argparse.Namespace, max_positions: int | None = None) -> Recip
         "granularity": args.granularity,
         "act_metric": args.act_metric,
         "calib_dataset": args.calib_dataset,
-        "nsamples": args.nsamples,
+        "nsamples": args.nsamples if args.nsamples is not None else PAPER_NSAMPLES,
         "seq_len": seq_len,
         "seed": args.seed,
         "weight_method": args.weight_method,
@@ -54,42 +56,44 @@ def _recipe(args: argparse.Namespace, max_positions: int | None = None) -> Recip
     return Recipe(**fields)
 
 
-def _data_dir_for(dataset: str, arg: str | None) -> Path | None:
-    """The data directory, or None when a .txt calibration file needs none."""
-    from rptq.data import resolve_data_dir
+def _calibrate(args: argparse.Namespace, total_stages: int) -> tuple[Any, QuantPlan, Summary]:
+    import dataclasses
 
-    if dataset.lower().endswith(".txt") and arg is None and not os.environ.get("RPTQ_DATA_DIR"):
-        return None
-    return resolve_data_dir(arg)
-
-
-def _calibrate(args: argparse.Namespace, total_stages: int) -> tuple[Any, QuantPlan, float]:
     from rptq.calib.runner import check_recipe_fits
     from rptq.calib.shards import parse_devices
-    from rptq.data import calibration_windows, load_tokenizer
+    from rptq.calib_text import calibration_text, optional_data_dir
+    from rptq.data import load_tokenizer
+    from rptq.defaults import announce_calibration, resolve_device
     from rptq.model.load import load_model
     from rptq.workflow import calibrate_windows
 
     _recipe(args)  # option errors before the model is even opened
-    devices = parse_devices(args.device)
+    device_spec = resolve_device(args.device)
+    devices = parse_devices(device_spec)
+    data_dir = optional_data_dir(args.data_dir)
     with stage(1, total_stages, f"loading {args.model}"):
         model = load_model(args.model)
         recipe = _recipe(args, model.shape.max_positions)
         check_recipe_fits(recipe, model.shape)
-    with stage(
-        2,
-        total_stages,
-        f"calibration data: {recipe.nsamples} x {recipe.seq_len} tokens of {recipe.calib_dataset}",
-    ):
-        data_dir = _data_dir_for(recipe.calib_dataset, args.data_dir)
+    with stage(2, total_stages, f"calibration data: {recipe.calib_dataset}"):
         tokenizer = load_tokenizer(model.directory, data_dir)
-        windows = calibration_windows(
-            recipe.calib_dataset, tokenizer, recipe.nsamples, recipe.seq_len, recipe.seed, data_dir
+        text = calibration_text(
+            recipe.calib_dataset, tokenizer, args.nsamples, recipe.seq_len, recipe.seed, data_dir
         )
+        recipe = dataclasses.replace(recipe, nsamples=int(text.windows.shape[0]))
+    rows, seq_len = text.windows.shape
+    announce_calibration(rows, seq_len, device_spec, model.shape.num_layers, text.source)
     started = time.perf_counter()
     with stage(3, total_stages, f"calibrating {recipe.label()}, {model.shape.num_layers} layers"):
-        plan = calibrate_windows(model, windows, recipe, device=devices)
-    return model, plan, time.perf_counter() - started
+        plan = calibrate_windows(model, text.windows, recipe, device=devices)
+    info: Summary = {
+        "calibration text": text.source
+        + (f", {text.text_tokens:,} tokens" if text.text_tokens else ""),
+        "calibration windows": f"{rows} x {seq_len} tokens",
+        "device": device_spec,
+        "calibration_s": round(time.perf_counter() - started, 1),
+    }
+    return model, plan, info
 
 
 def _weight_method(recipe: Recipe) -> str:
@@ -129,12 +133,12 @@ def cmd_calibrate(args: argparse.Namespace) -> Summary:
     """`calibrate`: write a plan directory."""
     output = Path(args.output)
     check_output(output, args.force)
-    _, plan, elapsed = _calibrate(args, 3)
+    _, plan, info = _calibrate(args, 3)
     plan.save(output, force=args.force)
     return {
         "plan": str(output),
         **_plan_summary(plan),
-        "calibration_s": round(elapsed, 1),
+        **info,
         "peak_rss": human_bytes(peak_rss_bytes()),
     }
 
@@ -160,14 +164,17 @@ def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
     return ExportOptions(args.dtype, args.opset, target, args.int4_block or 0, force=args.force)
 
 
-def _export_summary(summary: Any, plan: QuantPlan | None, target: Target = Target.ORT) -> Summary:
+def _export_summary(
+    summary: Any, plan: QuantPlan | None, target: Target = Target.ORT, plan_where: str | None = None
+) -> Summary:
+    """`plan_where`: the plan directory given, or where a plan calibrated in this run went."""
     return {
         "files": [f"{path} ({human_bytes(size)})" for path, size in summary.files],
         "bits": summary.label,
         "target": target.cli,
         "QuantizeLinear nodes": summary.op_counts.get("QuantizeLinear", 0),
         "DequantizeLinear nodes": summary.op_counts.get("DequantizeLinear", 0),
-        "plan": plan.model.name if plan is not None else "none (FP export)",
+        "plan": plan_where if plan is not None else "none (FP export)",
         "peak_rss": human_bytes(peak_rss_bytes()),
     }
 
@@ -180,14 +187,19 @@ def cmd_run(args: argparse.Namespace) -> Summary:
     output = Path(args.output)
     check_output(output, args.force)
     target = _pass_target(args)
+    info: Summary = {}
     if args.plan:
         model = load_model(args.model)
         plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
+        plan_where = str(args.plan)
     else:
-        model, plan, _ = _calibrate(args, 4)
+        model, plan, info = _calibrate(args, 4)
+        plan_where = (
+            "calibrated in this run, kept in memory (not saved: `calibrate -o DIR` saves one)"
+        )
     with stage(4, 4, f"exporting {output}"):
         summary = export_onnx(model, plan, output, _export_options(args, target))
-    return _export_summary(summary, plan, target)
+    return {**_export_summary(summary, plan, target, plan_where), **info}
 
 
 def cmd_export(args: argparse.Namespace) -> Summary:
@@ -205,7 +217,7 @@ def cmd_export(args: argparse.Namespace) -> Summary:
             plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
     with stage(2, 2, f"exporting {output}"):
         summary = export_onnx(model, plan, output, _export_options(args, target))
-    return _export_summary(summary, plan, target)
+    return _export_summary(summary, plan, target, args.plan)
 
 
 def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
@@ -213,7 +225,14 @@ def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
 
     from rptq.exporter.opt import META_SHAPE
 
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file at all
+        raise ConfigError(
+            f"{path} is not an ONNX model ({type(exc).__name__}): pass a file written by "
+            "`rptq-export`"
+        ) from None
+    meta = {p.key: p.value for p in proto.metadata_props}
     if META_SHAPE not in meta:
         raise ConfigError(f"{path} was not exported by rptq (no {META_SHAPE} metadata)")
     return int(json.loads(meta[META_SHAPE])["max_positions"]), None
@@ -221,7 +240,8 @@ def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
 
 def cmd_eval(args: argparse.Namespace) -> Summary:
     """`eval`: perplexity of a model, its plan's reference, an .onnx file or an engine."""
-    from rptq.data import EVAL_DATASETS, eval_tokens, eval_windows, load_tokenizer, resolve_data_dir
+    from rptq.calib_text import eval_text, optional_data_dir
+    from rptq.data import EVAL_DATASETS, eval_windows, load_tokenizer
     from rptq.workflow import LogitsFn, evaluate, parse_list
 
     datasets = parse_list(args.datasets, EVAL_DATASETS, "dataset")
@@ -263,11 +283,12 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
 
             backend, logits_fn = "pytorch-reference-tensorrt", TrtReferenceModel(model, plan)
     seq_len = args.seq_len or max_positions
-    data_dir = resolve_data_dir(args.data_dir)
+    data_dir = optional_data_dir(args.data_dir)
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else model_dir, data_dir)
-    windows = {}
+    windows, sources = {}, {}
     for name in datasets:
-        text = eval_tokens(name, tokenizer, data_dir, seq_len)
+        text = eval_text(name, tokenizer, data_dir, seq_len)
+        sources[name] = f"{text.source} ({text.tokens.numel():,} tokens)"
         windows[name] = eval_windows(text.tokens, seq_len)[: args.limit]
         if len(windows[name]) == 0:
             raise DataError(f"--limit {args.limit} leaves no {name} windows; use 1 or more")
@@ -278,6 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> Summary:
         "seq_len": seq_len,
         "perplexity": {name: round(r.ppl, 4) for name, r in results.items()},
         "windows": {name: r.windows for name, r in results.items()},
+        "text": sources,
     }
 
 

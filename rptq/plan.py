@@ -533,7 +533,8 @@ def read_plan(directory: Path, expect_hash: str | None) -> QuantPlan:
     version = meta.get("schema_version") if isinstance(meta, dict) else None
     if version != SCHEMA_VERSION:
         raise PlanError(
-            f"{json_file} has schema version {version}; this rptq reads version {SCHEMA_VERSION}"
+            f"{json_file} has schema version {version}; this rptq reads version {SCHEMA_VERSION}: "
+            "recalibrate with this rptq, or use the rptq that wrote the plan"
         )
     try:
         from safetensors.numpy import load_file

@@ -32,10 +32,18 @@ def calibrate_windows(
     recipe: Recipe,
     device: str | Sequence[str | torch.device] = "cpu",
 ) -> QuantPlan:
-    """Calibrate with progress over decoder layers (a bar on a terminal, else log lines)."""
+    """Calibrate with progress over decoder layers (a bar on a terminal, else log lines) and a
+    time estimate once the first layer is done."""
+    import time
+
+    from rptq.defaults import estimate_after_first_layer
+
+    started = time.perf_counter()
     with Progress(model.shape.num_layers, "calibrate", "layers") as bar:
 
         def advance(done: int, total: int) -> None:
+            if done == 1 and total > 1:
+                estimate_after_first_layer(time.perf_counter() - started, total)
             bar.update(done)
 
         return calibrate(model, windows, recipe, device=device, progress=advance)

@@ -15,8 +15,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RPTQ_SHARED_DIR", REPO_ROOT.parent / "shared"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--torch-deterministic",
+        action="store_true",
+        default=os.environ.get("RPTQ_TORCH_DETERMINISTIC", "") not in ("", "0"),
+        help="run with torch.use_deterministic_algorithms(True) (env RPTQ_TORCH_DETERMINISTIC=1)",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    if config.getoption("--torch-deterministic"):
+        import torch
+
+        torch.use_deterministic_algorithms(True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -72,7 +72,9 @@ def read_config(directory: Path) -> Any:
     try:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelError(f"{config_file} is not valid JSON ({exc.msg})") from None
+        raise ModelError(
+            f"{config_file} is not valid JSON ({exc.msg}); fix it or re-download the model"
+        ) from None
     model_type = raw.get("model_type")
     if model_type != "opt":
         raise ModelError(
@@ -83,12 +85,29 @@ def read_config(directory: Path) -> Any:
     return OPTConfig.from_pretrained(str(directory))
 
 
+def model_name(ref: str, directory: Path) -> str:
+    """The model's name, never a machine's path: the hub id (`opt-125m` -> `facebook/opt-125m`,
+    also for a path inside a hub cache snapshot), else the directory's own name.
+
+    It goes into the graph name and the plan, so two machines exporting the same model write
+    the same bytes wherever their copies live.
+    """
+    if not Path(ref).expanduser().exists() and hub_id(ref) is not None:
+        return str(hub_id(ref))
+    parts = Path(directory).resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part.removeprefix("models--").replace("--", "/")
+    return Path(directory).resolve().name
+
+
 def load_model(ref: str) -> LoadedModel:
     """Open an OPT model by local path or hub id; weights stay on disk until read."""
     directory = _resolve_directory(ref)
     config = read_config(directory)
     shape = OptShape.from_config(config, where=str(directory))
-    return LoadedModel(ref, shape, config, open_checkpoint(directory), directory)
+    name = model_name(ref, directory)
+    return LoadedModel(name, shape, config, open_checkpoint(directory), directory)
 
 
 def from_module(model: Any, name: str = "in-memory") -> LoadedModel:

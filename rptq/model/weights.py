@@ -74,9 +74,15 @@ class SafetensorsWeights:
         self._files = files
         self._where: dict[str, tuple[Path, str]] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                    self._where[canonical_key(key)] = (file, key)
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                        self._where[canonical_key(key)] = (file, key)
+            except Exception as exc:  # SafetensorError, OSError: a missing, cut or foreign file
+                raise ModelError(
+                    f"{file} is not a readable safetensors file ({_first_line(exc)}): "
+                    "re-download or re-save the checkpoint"
+                ) from None
 
     def names(self) -> Iterable[str]:
         """Hugging Face names of every tensor in the checkpoint files."""
@@ -90,8 +96,25 @@ class SafetensorsWeights:
             file, key = self._where[name]
         except KeyError:
             raise ModelError(f"checkpoint has no tensor {name}") from None
-        with safe_open(str(file), framework="pt") as handle:
-            return handle.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                tensor = handle.get_tensor(key)
+        except Exception as exc:  # a file changed or cut since it was opened
+            raise ModelError(
+                f"cannot read {key} from {file} ({_first_line(exc)}): re-download the checkpoint"
+            ) from None
+        # NaN/Inf weights would calibrate to NaN scales and export a graph that computes NaN
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(
+                f"{key} in {file} holds NaN or Inf values: the checkpoint is damaged; "
+                "re-download it or fix the training run that wrote it"
+            )
+        return tensor
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def open_checkpoint(directory: Path) -> WeightSource:

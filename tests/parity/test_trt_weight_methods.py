@@ -1,10 +1,11 @@
 """Plans calibrated for the TensorRT variant (`calibrate --target tensorrt`): GPTQ, GPTQT and
 LoRC on the folded weights W·diag(s), exported verbatim, in ONNX Runtime vs the reference.
 
-Same bounds as the RTN variant (tests/parity/test_trt_variant_parity.py, tests/tolerances.py):
-per activation codes in steps, logit SQNR and perplexity. RTN calibrated for TensorRT must be
-today's re-quantized export bit for bit; negative controls: one GPTQ weight exported with RTN
-codes (what the export did before plans knew their target), and LoRC branches dropped.
+Bounds (tests/tolerances.py): every DQ output on its grid, the first activation where ORT's
+codes differ from the reference's differs by a tie flip, logit SQNR and perplexity. RTN
+calibrated for TensorRT must be today's re-quantized export bit for bit; negative controls: one
+GPTQ weight exported with RTN codes (what the export did before plans knew their target), and
+LoRC branches dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rptq.runtime.perplexity import perplexity
 from rptq.runtime.trt_reference import TrtReferenceModel
 from rptq.workflow import quantized_graph
 from tests.parity.activations import record_activations
-from tests.parity.test_trt_variant_parity import code_mismatches, ort_qdq, positions_params
+from tests.parity.test_trt_variant_parity import ort_qdq, positions_params
 from tests.tolerances import (
     LOGITS_MIN_SQNR_DB,
     PPL_MAX_REL_DIFF,
@@ -48,9 +49,11 @@ SETTINGS = {
     "gptq+lorc-W4A16": {"wbits": 4, "abits": 16, "weight_method": "gptq", "lorc_rank": 4},
 }  # fmt: skip
 QUANTIZED_ACTS = [label for label in SETTINGS if not label.endswith("A16")]
-# settings whose codes stay within the default bounds (QDQ_DRIFT_MAX_STEPS) everywhere; in the
-# others a single tie flip cascades (test_first_differing_codes_are_tie_flips)
-CODES_WITHIN = ("gptq-W4A4", "rtn+lorc-W4A4", "gptq+lorc-W4A4", "gptqt+lorc-W4A4KV")
+# Eval windows on which a single one-step tie flip of one code cascades in gptq+lorc-W4A4 (on
+# the AMD EPYC where this was measured: seed 1000 to 15 steps at layer 1 fc2_in, seed 1004 to
+# 7 steps at layer 1 attn_ln_out); which windows hit a tie depends on the CPU's kernels, which
+# is why the Intel Xeon saw 4 steps on seed 42 (tests/tolerances.py, QDQ_FIRST_FLIP_*).
+CASCADE_SEEDS = (42, 1000, 1004)
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +95,16 @@ def test_logits_with_ort_optimisations_and_int4_blocks(label, trt_plan, tiny_loa
         assert result.sqnr_db >= LOGITS_MIN_SQNR_DB, f"{label} {options}: {result.describe()}"
 
 
-@pytest.mark.parametrize("label", [label for label in QUANTIZED_ACTS if label in CODES_WITHIN])
-def test_codes_match_the_reference(label, trt_plan, tiny_loaded, eval_ids):
-    plan = trt_plan(label)
-    assert code_mismatches(tiny_loaded, plan, plan, eval_ids) == []
-
-
-def drift_in_flow_order(loaded, plan, ids) -> list[tuple[str, float, float]]:
+def drift_in_flow_order(loaded, plan, ids, graph_plan=None) -> list[tuple[str, float, float]]:
     """(activation, max steps, fraction of codes differing) of ORT vs the reference, in
-    data-flow order (layer, then Act order); asserts every DQ output lies on its grid."""
-    graph = quantized_graph(loaded, plan, target="trt")
+    data-flow order (layer, then Act order); asserts every DQ output lies on its grid.
+    `graph_plan` (default `plan`) exports the graph, `plan` drives the reference."""
+    graph_plan = plan if graph_plan is None else graph_plan
+    graph = quantized_graph(loaded, graph_plan, target="trt")
     ref = record_activations(TrtReferenceModel(loaded, plan), loaded, plan, ids)
     rows = []
     for (layer, act), (u, dq) in sorted(
-        ort_qdq(graph, plan, ids).items(),
+        ort_qdq(graph, graph_plan, ids).items(),
         key=lambda item: (item[0][0], list(Act).index(item[0][1])),
     ):
         qmin, qmax = grid_bounds(plan.act(layer, act).bits)
@@ -122,15 +121,51 @@ def drift_in_flow_order(loaded, plan, ids) -> list[tuple[str, float, float]]:
     return rows
 
 
-@pytest.mark.parametrize("label", [label for label in QUANTIZED_ACTS if label not in CODES_WITHIN])
+def first_difference(rows: list[tuple[str, float, float]]) -> tuple[str, float, float] | None:
+    return next((row for row in rows if row[1] > 0), None)
+
+
+def is_tie_flip(row: tuple[str, float, float] | None) -> bool:
+    """No difference at all, or one step in few codes: what float rounding at a tie gives."""
+    return row is None or (
+        row[1] <= QDQ_FIRST_FLIP_MAX_STEPS + 1e-3 and row[2] <= QDQ_FIRST_FLIP_MAX_FRACTION
+    )
+
+
+@pytest.mark.parametrize("label", QUANTIZED_ACTS)
 def test_first_differing_codes_are_tie_flips(label, trt_plan, tiny_loaded, eval_ids):
-    """Settings whose single tie flips cascade past QDQ_DRIFT_MAX_STEPS (tests/tolerances.py):
-    every DQ is on its grid, and the first activation that differs differs by tie flips."""
-    rows = drift_in_flow_order(tiny_loaded, trt_plan(label), eval_ids)
-    first = next((row for row in rows if row[1] > 0), None)
-    assert first is None or (
-        first[1] <= QDQ_FIRST_FLIP_MAX_STEPS + 1e-3 and first[2] <= QDQ_FIRST_FLIP_MAX_FRACTION
-    ), first
+    """Every DQ is on its grid, and the first activation (in data-flow order) where ORT's codes
+    differ from the reference's differs as a tie flip does. Later activations are not bounded
+    in steps: one flipped 4-bit code moves an 8-bit LayerNorm output many of its steps
+    (tests/tolerances.py); test_logits_and_perplexity bounds what that does to the output."""
+    first = first_difference(drift_in_flow_order(tiny_loaded, trt_plan(label), eval_ids))
+    assert is_tie_flip(first), first
+
+
+@pytest.mark.parametrize("seed", CASCADE_SEEDS)
+def test_gptq_lorc_w4a4_drift_is_a_tie_flip_on_other_windows(seed, trt_plan, tiny_loaded):
+    """The Intel Xeon failure (`4.00 steps max, 0.62% codes differ` at layer 1 ffn_ln_out) was a
+    cascade: on these windows the same setting cascades here too, from a one-step first flip."""
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(seed))
+    plan = trt_plan("gptq+lorc-W4A4")
+    assert is_tie_flip(first_difference(drift_in_flow_order(tiny_loaded, plan, ids)))
+    result = compare(TrtReferenceModel(tiny_loaded, plan)(ids), ort_logits(tiny_loaded, plan)(ids))
+    assert result.sqnr_db >= LOGITS_MIN_SQNR_DB, result.describe()
+
+
+def test_negative_control_first_difference_catches_a_wrong_weight(
+    trt_plan, calibrate_tiny, tiny_loaded, eval_ids
+):
+    """Layer 0 fc2 exported with RTN codes instead of GPTQ's: the first activation after it
+    (layer 1 attn_ln_out) must differ by far more than a tie flip."""
+    plan = trt_plan("gptq+lorc-W4A4")
+    rtn = calibrate_tiny(wbits=4, abits=4, target="trt")
+    index = next(i for i, w in enumerate(plan.weights) if w.fqn.endswith("layers.0.fc2"))
+    weights = list(plan.weights)
+    weights[index] = rtn.weights[index]
+    broken = dataclasses.replace(plan, weights=tuple(weights))
+    first = first_difference(drift_in_flow_order(tiny_loaded, plan, eval_ids, broken))
+    assert not is_tie_flip(first), first
 
 
 @pytest.mark.parametrize("label", ["W4A8", "W4A4", "W4A4KV"])
