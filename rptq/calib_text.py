@@ -150,7 +150,7 @@ def load_dataset_function() -> Callable[..., Any] | None:
         from datasets import load_dataset
     except ImportError:
         return None
-    return load_dataset  # type: ignore[no-any-return]
+    return load_dataset
 
 
 def _hub_windows(
