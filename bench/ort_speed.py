@@ -85,7 +85,9 @@ def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, r
 
     def run(tokens: np.ndarray) -> tuple[float, np.ndarray]:
         start = time.perf_counter()
-        (logits,) = session.run(["logits"], {"input_ids": tokens, "attention_mask": np.ones_like(tokens)})
+        (logits,) = session.run(
+            ["logits"], {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
+        )
         return time.perf_counter() - start, logits
 
     _, logits = run(ids)  # warm-up, and the logits for SQNR
@@ -101,12 +103,16 @@ def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, r
         sqnr = 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / max(noise, 1e-30))
     else:
         np.save(ref, logits)
-    out.write_text(json.dumps({
-        "session_s": session_s,
-        "prefill_ms": 1e3 * statistics.median(prefill),
-        "one_token_ms": 1e3 * statistics.median(single),
-        "sqnr_db": sqnr,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "session_s": session_s,
+                "prefill_ms": 1e3 * statistics.median(prefill),
+                "one_token_ms": 1e3 * statistics.median(single),
+                "sqnr_db": sqnr,
+            }
+        )
+    )
 
 
 def worker_kernels(path: Path, out: Path) -> None:
@@ -114,11 +120,15 @@ def worker_kernels(path: Path, out: Path) -> None:
     from rptq.runtime.ort_kernels import kernel_report
 
     report = kernel_report(path)
-    out.write_text(json.dumps({
-        "integer_matmuls": report.integer_matmuls,
-        "float_weight_dq": len(report.float_weight_dequantize),
-        "ops": report.op_counts,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "integer_matmuls": report.integer_matmuls,
+                "float_weight_dq": len(report.float_weight_dequantize),
+                "ops": report.op_counts,
+            }
+        )
+    )
 
 
 def worker_peer(kind: str, fp32: Path, out: Path) -> None:
@@ -186,8 +196,19 @@ def build_rows(args: argparse.Namespace, size: str) -> list[Row]:
         if not _sub(args, f"{tag}-checkpoint", cmd, env_repo=REPO).ok:
             raise SystemExit(f"error: could not write the {size} checkpoint (see {work}/logs)")
     rows: list[Row] = []
-    calib = ["--calib-dataset", "c4-sample", "--data-dir", str(args.data_dir), "--nsamples",
-             str(args.nsamples), "--seq-len", str(args.seq_len), "--seed", "2", "--force"]
+    calib = [
+        "--calib-dataset",
+        "c4-sample",
+        "--data-dir",
+        str(args.data_dir),
+        "--nsamples",
+        str(args.nsamples),
+        "--seq-len",
+        str(args.seq_len),
+        "--seed",
+        "2",
+        "--force",
+    ]
 
     def export(label: str, flags: list[str], repo: Path = REPO, note: str = "") -> Row:
         path = work / (label.replace(" ", "-").replace("(", "").replace(")", "") + ".onnx")
@@ -202,23 +223,40 @@ def build_rows(args: argparse.Namespace, size: str) -> list[Row]:
     for label, flags in RECIPES.items():
         rows.append(export(label, ["run", str(model), *flags, *calib]))
         if label in LEVEL4 and rows[-1].path is not None:
-            rows.append(Row(f"{label}, accuracy_level 4", rows[-1].path, level=4,
-                            note="int8 activations inside MatMulNBits: not the graph's arithmetic"))
+            rows.append(
+                Row(
+                    f"{label}, accuracy_level 4",
+                    rows[-1].path,
+                    level=4,
+                    note="int8 activations inside MatMulNBits: not the graph's arithmetic",
+                )
+            )
     if args.baseline_repo:
-        rows.append(export("W4A8 (before: DQ feeds MatMul)",
-                           ["run", str(model), *RECIPES["W4A8"], *calib], args.baseline_repo,
-                           note=f"rptq at {args.baseline_repo}"))
+        rows.append(
+            export(
+                "W4A8 (before: DQ feeds MatMul)",
+                ["run", str(model), *RECIPES["W4A8"], *calib],
+                args.baseline_repo,
+                note=f"rptq at {args.baseline_repo}",
+            )
+        )
     fp32 = rows[0].path
-    for kind, label in (("dynamic", "ORT quantize_dynamic W8A8"),
-                        ("nbits", "ORT MatMulNBitsQuantizer W4 b32")):
+    for kind, label in (
+        ("dynamic", "ORT quantize_dynamic W8A8"),
+        ("nbits", "ORT MatMulNBitsQuantizer W4 b32"),
+    ):
         path = work / f"peer-{kind}.onnx"
         error = ""
         if fp32 is None:
             error = "no FP32 export"
         elif not path.exists():
             _log(f"{tag}: {label}")
-            measured = _sub(args, f"{tag}-peer-{kind}",
-                            [PYTHON, SCRIPT, "peer", kind, str(fp32), str(path)], env_repo=REPO)
+            measured = _sub(
+                args,
+                f"{tag}-peer-{kind}",
+                [PYTHON, SCRIPT, "peer", kind, str(fp32), str(path)],
+                env_repo=REPO,
+            )
             error = "" if measured.ok else measured.error_line()
         rows.append(Row(label, None if error else path, error=error))
     return rows
@@ -233,18 +271,39 @@ def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
             continue
         out = args.work_dir / tag / f"time-{i}.json"
         _log(f"{tag}: timing {row.label}")
-        measured = _sub(args, f"{tag}-time-{i}", [PYTHON, SCRIPT, "time", str(row.path),
-                        "--threads", str(args.threads), "--repeats", str(args.repeats),
-                        "--level", str(row.level), "--out", str(out), "--ref", str(ref)],
-                        env_repo=REPO)
+        measured = _sub(
+            args,
+            f"{tag}-time-{i}",
+            [
+                PYTHON,
+                SCRIPT,
+                "time",
+                str(row.path),
+                "--threads",
+                str(args.threads),
+                "--repeats",
+                str(args.repeats),
+                "--level",
+                str(row.level),
+                "--out",
+                str(out),
+                "--ref",
+                str(ref),
+            ],
+            env_repo=REPO,
+        )
         if not measured.ok:
             row.error = measured.error_line()
             continue
         row.result, row.peak_rss = json.loads(out.read_text()), measured.peak_rss_bytes
         if row.level == 1:
             kout = args.work_dir / tag / f"kernels-{i}.json"
-            if _sub(args, f"{tag}-kernels-{i}", [PYTHON, SCRIPT, "kernels", str(row.path),
-                    "--out", str(kout)], env_repo=REPO).ok:
+            if _sub(
+                args,
+                f"{tag}-kernels-{i}",
+                [PYTHON, SCRIPT, "kernels", str(row.path), "--out", str(kout)],
+                env_repo=REPO,
+            ).ok:
                 row.kernels = json.loads(kout.read_text())
 
 
@@ -275,8 +334,11 @@ def table(tag: str, rows: list[Row]) -> str:
 
         rss_ratio = f"{row.peak_rss / fp.peak_rss:.2f}" if fp.peak_rss else ""
         sqnr = "ref" if row is fp else ("" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}")
-        kernels = (f"{row.kernels['integer_matmuls']} / {row.kernels['float_weight_dq']}"
-                   if row.kernels else "(as above)")
+        kernels = (
+            f"{row.kernels['integer_matmuls']} / {row.kernels['float_weight_dq']}"
+            if row.kernels
+            else "(as above)"
+        )
         label = row.label + (f" ({row.note})" if row.note else "")
         lines.append(
             f"| {label} | {r['prefill_ms']:.0f} | {ratio('prefill_ms')} | "
@@ -292,23 +354,26 @@ def _body(
     """The RESULTS.md section: context lines, then one table per model size."""
     minutes = (time.perf_counter() - started) / 60
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    return "\n".join([
-        "## ONNX Runtime CPU speed of the quantized graphs (bench/ort_speed.py, issue 12)",
-        "",
-        *machine_lines(),
-        f"- load average when the run started: {load}",
-        f"- command: `python bench/ort_speed.py {argv_text}` ({minutes:.0f} min so far)",
-        f"- ORT CPU provider, {args.threads} intra-op threads, batch 1, default optimisations "
-        "(ORT_ENABLE_ALL) with rptq's session options (MatMulNBits accuracy_level 1 unless the "
-        "row says 4); prefill: median of "
-        f"{args.repeats} runs of {PREFILL_TOKENS} tokens after a warm-up; 1-token call: median "
-        f"of {args.repeats * 4}; peak RSS: the whole worker process (Python, ORT, session "
-        "creation, runs); SQNR: logits of the same 512 tokens against the FP32 export.",
-        f"- calibration for the quantized rows: c4-sample, {args.nsamples} windows of "
-        f"{args.seq_len} tokens, RTN weights, default clusters (speed does not depend on them).",
-        "",
-        *sections,
-    ])
+    return "\n".join(
+        [
+            "## ONNX Runtime CPU speed of the quantized graphs (bench/ort_speed.py, issue 12)",
+            "",
+            *machine_lines(),
+            f"- load average when the run started: {load}",
+            f"- command: `python bench/ort_speed.py {argv_text}` ({minutes:.0f} min so far)",
+            f"- ORT CPU provider, {args.threads} intra-op threads, batch 1, default optimisations "
+            "(ORT_ENABLE_ALL) with rptq's session options (MatMulNBits accuracy_level 1 unless the "
+            "row says 4); prefill: median of "
+            f"{args.repeats} runs of {PREFILL_TOKENS} tokens after a warm-up; 1-token call: median "
+            f"of {args.repeats * 4}; peak RSS: the whole worker process (Python, ORT, session "
+            "creation, runs); SQNR: logits of the same 512 tokens against the FP32 export.",
+            f"- calibration for the quantized rows: c4-sample, {args.nsamples} windows of "
+            f"{args.seq_len} tokens, RTN weights, default clusters (speed does not depend on "
+            "them).",
+            "",
+            *sections,
+        ]
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -329,16 +394,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("fp32", type=Path)
     p.add_argument("out", type=Path)
     parser.add_argument("--sizes", default="125m,1.3b", help="comma-separated OPT sizes")
-    parser.add_argument("--layers", default="1.3b=4",
-                        help="decoder layers per size, e.g. 1.3b=4 (default: all)")
+    parser.add_argument(
+        "--layers", default="1.3b=4", help="decoder layers per size, e.g. 1.3b=4 (default: all)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     parser.add_argument("--repeats", type=int, default=5, help="timed prefills (x4 1-token calls)")
     parser.add_argument("--nsamples", type=int, default=4, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=128, help="calibration window length")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--work-dir", type=Path, default=CACHE / "ort_speed")
-    parser.add_argument("--baseline-repo", type=Path,
-                        help="another rptq checkout: add its W4A8 export as a 'before' row")
+    parser.add_argument(
+        "--baseline-repo",
+        type=Path,
+        help="another rptq checkout: add its W4A8 export as a 'before' row",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the models and graphs")
     parser.add_argument("--no-write", action="store_true", help="print only, no RESULTS.md")
     return parser

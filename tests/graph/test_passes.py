@@ -27,7 +27,16 @@ from rptq.passes import (
 )
 from rptq.passes.pipeline import export_graph
 from rptq.plan import QuantPlan, WeightQuant
-from rptq.points import KV_ACTS, LINEAR_INPUT_ACT, LINEARS, QUANTIZED_ACTS, SITE_OF, Act, Reorder, act_bits
+from rptq.points import (
+    KV_ACTS,
+    LINEAR_INPUT_ACT,
+    LINEARS,
+    QUANTIZED_ACTS,
+    SITE_OF,
+    Act,
+    Reorder,
+    act_bits,
+)
 from rptq.quant.clusters import expand_to_positions
 from rptq.quant.fold import permute_matmul_cols
 from rptq.quant.qparams import dequantize, fake_quant, quantize_rows
