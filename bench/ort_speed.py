@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -110,6 +111,7 @@ def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, r
                 "prefill_ms": 1e3 * statistics.median(prefill),
                 "one_token_ms": 1e3 * statistics.median(single),
                 "sqnr_db": sqnr,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }
         )
     )
@@ -265,11 +267,22 @@ def build_rows(args: argparse.Namespace, size: str) -> list[Row]:
 def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
     """Time every row (FP32 first: its logits are the SQNR reference), then read its kernels."""
     ref = args.work_dir / tag / "fp32-logits.npy"
-    ref.unlink(missing_ok=True)
+    if not args.reuse:
+        ref.unlink(missing_ok=True)
     for i, row in enumerate(rows):
         if row.path is None:
             continue
         out = args.work_dir / tag / f"time-{i}.json"
+        if args.rows and row.label not in args.rows.split(","):
+            row.error = "not run this time (--rows)"
+            if not (args.reuse and out.exists()):
+                continue
+        if args.reuse and out.exists():  # an earlier run's measurement of the same file
+            row.result = json.loads(out.read_text())
+            row.peak_rss = row.result.get("peak_rss_bytes", 0)
+            kout = args.work_dir / tag / f"kernels-{i}.json"
+            row.kernels = json.loads(kout.read_text()) if kout.exists() else None
+            continue
         _log(f"{tag}: timing {row.label}")
         measured = _sub(
             args,
@@ -296,7 +309,7 @@ def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
             row.error = measured.error_line()
             continue
         row.result, row.peak_rss = json.loads(out.read_text()), measured.peak_rss_bytes
-        if row.level == 1:
+        if row.level == 1 and (args.kernels == "all" or row.label in args.kernels.split(",")):
             kout = args.work_dir / tag / f"kernels-{i}.json"
             if _sub(
                 args,
@@ -332,17 +345,18 @@ def table(tag: str, rows: list[Row]) -> str:
         def ratio(key: str, r: dict = r) -> str:
             return f"{r[key] / base[key]:.2f}" if base.get(key) else ""
 
-        rss_ratio = f"{row.peak_rss / fp.peak_rss:.2f}" if fp.peak_rss else ""
+        rss_ratio = f"{row.peak_rss / fp.peak_rss:.2f}" if fp.peak_rss and row.peak_rss else ""
+        rss = f"{row.peak_rss / 2**30:.2f}" if row.peak_rss else "n/a"
         sqnr = "ref" if row is fp else ("" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}")
         kernels = (
             f"{row.kernels['integer_matmuls']} / {row.kernels['float_weight_dq']}"
             if row.kernels
-            else "(as above)"
+            else "not counted"
         )
         label = row.label + (f" ({row.note})" if row.note else "")
         lines.append(
             f"| {label} | {r['prefill_ms']:.0f} | {ratio('prefill_ms')} | "
-            f"{r['one_token_ms']:.1f} | {ratio('one_token_ms')} | {row.peak_rss / 2**30:.2f} | "
+            f"{r['one_token_ms']:.1f} | {ratio('one_token_ms')} | {rss} | "
             f"{rss_ratio} | {_size(row.path) / 2**20:.0f} | {sqnr} | {kernels} |"
         )
     return "\n".join(lines)
@@ -407,6 +421,13 @@ def _parser() -> argparse.ArgumentParser:
         "--baseline-repo",
         type=Path,
         help="another rptq checkout: add its W4A8 export as a 'before' row",
+    )
+    parser.add_argument(
+        "--kernels", default="all", help="rows (labels, comma-separated) whose kernels are counted"
+    )
+    parser.add_argument("--rows", default="", help="time only these rows (labels, comma-separated)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep timings an earlier run left in --work-dir"
     )
     parser.add_argument("--keep", action="store_true", help="keep the models and graphs")
     parser.add_argument("--no-write", action="store_true", help="print only, no RESULTS.md")
