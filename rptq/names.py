@@ -89,6 +89,7 @@ def qdq(act_name: str) -> dict[str, str]:
         "dequantize": f"{act_name}/DequantizeLinear",
         "quantized": f"{act_name}/quantized",
         "dequantized": f"{act_name}/dequantized",
+        "unclamped": f"{act_name}/unclamped",
         "scale": f"{act_name}/scale",
         "zero_point": f"{act_name}/zero_point",
         "clip_min": f"{act_name}/clip_min",
@@ -122,17 +123,25 @@ def quantized_weight(module_path: str) -> dict[str, str]:
 
 def binary_weight(module_path: str, planes: int) -> dict[str, str]:
     """Names of a GPTQT weight: `planes` INT4/INT2 ±1 planes, one DequantizeLinear each
-    (scale α_i per output channel, zero point 0), summed in plane order, plus the offset β.
+    (scale α_i per output channel, zero point 0), plus the offset β.
 
-    The sum's result is `<module>.weight_dequantized`, the same tensor name a linear
-    DequantizeLinear writes, so every weight feeds its MatMul through one name. The TensorRT
-    variant multiplies each plane instead (plane 0 in `<module>/MatMul`, plane i > 0 in
-    `plane{i}_matmul`) and sums the products with the `sum{i}` nodes.
+    Both targets multiply each plane on its own, so that the runtime fuses every plane's
+    DequantizeLinear into an integer GEMM (plane 0 in `<module>/MatMul`, plane i > 0 in
+    `plane{i}_matmul`), and sum the products with the `sum{i}` nodes; ONNX Runtime then adds
+    ReduceSum(x)·β (`input_sum*`, `offset_*`). `output`/`offset_node` name the older form
+    (planes summed into `<module>.weight_dequantized`), kept for the names' golden list.
     """
     out = {
         "offset": f"{module_path}.weight_offset",
         "offset_node": f"{module_path}/weight/offset/Add",
         "output": f"{module_path}.weight_dequantized",
+        # ONNX Runtime form (one GEMM per plane, as TensorRT): y = Σ x·(α_i b_i) + ΣxΣ · β
+        "input_sum_node": f"{module_path}/weight/offset/ReduceSum",
+        "input_sum_axes": f"{module_path}/weight/offset/axes",
+        "input_sum": f"{module_path}/weight/offset/input_sum",
+        "offset_mul_node": f"{module_path}/weight/offset/Mul",
+        "offset_product": f"{module_path}/weight/offset/product",
+        "offset_output": f"{module_path}/weight/offset/output",
     }
     for i in range(planes):
         out[f"plane{i}"] = f"{module_path}.weight_plane{i}"

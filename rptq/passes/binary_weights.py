@@ -1,10 +1,13 @@
-"""GPTQT weights as binary planes: Σ_i DequantizeLinear(b_i, α_i, 0, axis=1) + β feeding MatMul.
+"""GPTQT weights as binary planes: y = Σ_i x·DequantizeLinear(b_i, α_i, 0, axis=1) + ΣxΣ·β.
 
 ONNX has no binary-coding op, so each of the n planes b_i ∈ {−1, +1} is an integer initializer
-whose DequantizeLinear (scale α_i per output column, zero point 0) yields α_i b_i exactly; the
-planes are added in index order and the per-column offset β last, which is the order
-rptq.quant.bcq.binary_weight uses for the reference, so the graph's weight is bit-equal to the
-reference weight in float32.
+whose DequantizeLinear (scale α_i per output column, zero point 0) yields α_i b_i exactly (the
+same values as the reference's planes). Each plane feeds its own MatMul on the linear's input
+and the products are summed, plus x's channel sum times the per-column offset β: exact in real
+arithmetic (x·Σ_i α_i∘b_i + x·1βᵀ), a reassociation of float sums against the reference's
+summed weight. Summing the planes as float weights before one MatMul would be bit-equal, but
+ONNX Runtime fuses a weight DequantizeLinear into MatMulNBits only where it feeds the MatMul
+directly, so that form dequantizes every plane to float on every call (docs/graph.md).
 
 Plane storage: INT2 (2 bits per plane weight) where the graph's opset is 25 or newer and the
 target is ONNX Runtime (its CPU provider runs INT2 DequantizeLinear); INT4 below opset 25 (ORT);
@@ -24,7 +27,13 @@ from numpy.typing import NDArray
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.context import PassContext, PassResult
-from rptq.passes.graph_ops import GraphIndex, add_dequantize, packed_nbytes, weight_matmul
+from rptq.passes.graph_ops import (
+    GraphIndex,
+    add_dequantize,
+    packed_nbytes,
+    rewire_consumers,
+    weight_matmul,
+)
 from rptq.passes.quantize_weights import check_relative_error
 from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.plan_weights import binary_index
@@ -88,6 +97,35 @@ def _prepare(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> _Prepare
     return _Prepared(matmul, weight, planes, alpha, beta)
 
 
+def _add_offset(
+    graph: gs.Graph, fqn: str, x: gs.Tensor, total: gs.Tensor, beta: NDArray[np.floating]
+) -> gs.Variable:
+    """`total + ReduceSum(x, last axis) · β`: x·1βᵀ, the offset's share of x·W, per token."""
+    n = names.binary_weight(fqn, 1)
+    dtype = beta.dtype
+    input_sum = gs.Variable(n["input_sum"], dtype=dtype)
+    product = gs.Variable(n["offset_product"], dtype=dtype)
+    output = gs.Variable(n["offset_output"], dtype=dtype)
+    axes = gs.Constant(n["input_sum_axes"], np.array([-1], np.int64))
+    graph.nodes += [
+        gs.Node(
+            "ReduceSum",
+            name=n["input_sum_node"],
+            attrs={"keepdims": 1},
+            inputs=[x, axes],
+            outputs=[input_sum],
+        ),
+        gs.Node(
+            "Mul",
+            name=n["offset_mul_node"],
+            inputs=[input_sum, gs.Constant(n["offset"], beta)],
+            outputs=[product],
+        ),
+        gs.Node("Add", name=n["offset_node"], inputs=[total, product], outputs=[output]),
+    ]
+    return output
+
+
 def binary_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Replace each GPTQT weight by its binary planes (see the module docstring).
 
@@ -104,44 +142,20 @@ def binary_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
     container = plane_dtype(ctx)
     before = after = 0
     for quant, item in items:
-        n = names.binary_weight(quant.fqn, item.planes.shape[0])
-        dtype = item.alpha.dtype
-        shape = list(item.planes.shape[1:])
-        total: gs.Variable | None = None
-        for i in range(item.planes.shape[0]):
-            plane = item.planes[i].astype(container)
-            zero = np.zeros(shape[1], dtype=container)
-            dequantized = add_dequantize(
-                graph,
-                n[f"plane{i}_node"],
-                n[f"plane{i}_dequantized"],
-                (n[f"plane{i}"], plane),
-                (n[f"plane{i}_scale"], item.alpha[:, i]),
-                (n[f"plane{i}_zero_point"], zero),
-                {"axis": PLANE_AXIS},
-            )
-            after += plane_nbytes(container, plane.size) + plane_nbytes(container, zero.size)
-            after += item.alpha[:, i].nbytes
-            if total is None:
-                total = dequantized
-                continue
-            summed = gs.Variable(n[f"sum{i}"], dtype=dtype, shape=shape)
-            add = gs.Node("Add", name=n[f"sum{i}_node"], inputs=[total, dequantized])
-            add.outputs = [summed]
-            graph.nodes.append(add)
-            total = summed
-        output = gs.Variable(n["output"], dtype=dtype, shape=shape)
-        graph.nodes.append(
-            gs.Node(
-                "Add",
-                name=n["offset_node"],
-                inputs=[total, gs.Constant(n["offset"], item.beta)],
-                outputs=[output],
-            )
-        )
+        x, product = item.matmul.inputs[0], item.matmul.outputs[0]
+        consumers = list(product.outputs)
+        stored = [
+            (np.ascontiguousarray(item.planes[i].astype(container)), item.alpha[:, i])
+            for i in range(item.planes.shape[0])
+        ]
+        total = add_plane_products(graph, quant.fqn, item.matmul, stored, 0)
+        output = _add_offset(graph, quant.fqn, x, total, item.beta)
+        rewire_consumers(consumers, product, output)
+        for plane, alpha in stored:
+            after += plane_nbytes(container, plane.size) + plane_nbytes(container, alpha.size)
+            after += alpha.nbytes
         after += item.beta.nbytes
         before += packed_nbytes(item.weight.dtype, int(np.prod(item.weight.shape)))
-        item.matmul.inputs[1] = output
     return PassResult(
         binary_weights.__name__,
         counts={

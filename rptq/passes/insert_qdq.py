@@ -4,8 +4,17 @@ After fold_reorder each reordered activation is produced in cluster order, so a 
 contiguous run of channels and the per-cluster (scale, zero) become per-axis vectors: the
 cluster values repeated by cluster size (docs/algorithms.md §2.11). ONNX Q/DQ saturate to the
 integer container, not to RPTQ's bits-wide grid, so grids narrower than the container get an
-exact clamp first: code = clip(round(x/s) + z, qmin, qmax) equals quantizing
-clip(x, (qmin - z) s, (qmax - z) s), and Clip only takes scalars, hence Max/Min with vectors.
+exact clamp: the container's codes are clamped after the DequantizeLinear to
+[(qmin - z) s, (qmax - z) s], which are themselves dequantized codes, so the result equals
+DQ(clip(round(x/s) + z, qmin, qmax)) bit for bit. Clip only takes scalars, hence Max/Min with
+vectors.
+
+The clamp sits after the DequantizeLinear, not before the QuantizeLinear, for ONNX Runtime's
+sake: its DQ -> MatMul -> MatMulNBits rewrite (DQMatMulNodeGroupSelector) takes a MatMul only
+when the weight's DequantizeLinear is its *only* DequantizeLinear parent, so an int8
+activation DQ feeding the MatMul directly leaves the weight dequantized to float on every call
+(docs/graph.md, "ONNX Runtime kernels"). Every activation read by a quantized linear therefore
+reaches it through the clamp, also on 8-bit grids where the clamp changes no value.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.context import PassContext, PassResult, check_site_folded, folded_sites
 from rptq.passes.graph_ops import GraphIndex, graph_float_dtype, rewire_consumers
 from rptq.plan import ActQuant, QuantPlan, ReorderSite
-from rptq.points import SITE_OF
+from rptq.points import LINEAR_INPUT_ACT, SITE_OF
 from rptq.quant.clusters import expand_to_positions
 from rptq.quant.qparams import container_bits, grid_bounds
 
@@ -29,6 +38,8 @@ ACT_CHANNEL_AXIS = 2  # activations are [B, T, C]
 MIN_ACT_CONTAINER_BITS = 8  # ORT runs activation QuantizeLinear on int8/int16 containers
 _CONTAINERS: dict[int, type[np.signedinteger]] = {8: np.int8, 16: np.int16}
 _FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# activations a quantized linear reads: their DQ must not feed the MatMul directly (see above)
+_LINEAR_INPUTS = frozenset(LINEAR_INPUT_ACT.values())
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,8 @@ def _prepare(
     if not np.all(np.isfinite(scale_f)) or np.any(scale_f <= 0):
         raise PlanError(f"plan {quant.key}: a scale is not representable in {dtype} (0 or inf)")
     clip = None
-    if quant.bits < container:
+    separate = bool(plan.weights) and quant.act in _LINEAR_INPUTS
+    if quant.bits < container or separate:
         qmin, qmax = grid_bounds(quant.bits)
         s32 = scale_f.astype(np.float32)
         z32 = np.asarray(zero, dtype=np.float32)
@@ -120,46 +132,23 @@ def _prepare(
 
 
 def _insert(graph: gs.Graph, item: ActQdq, dtype: np.dtype) -> int:
-    """Rewire `tensor -> consumers` into `tensor -> [Max, Min] -> Q -> DQ -> consumers`."""
+    """Rewire `tensor -> consumers` into `tensor -> Q -> DQ [-> Max -> Min] -> consumers`."""
     n = item.names
     source = item.tensor
     consumers = list(source.outputs)
     shape = source.shape
-    x: gs.Tensor = source
-    added = 0
-    if item.clip is not None:
-        low, high = item.clip
-        clipped_low = gs.Variable(n["clipped_low"], dtype=dtype, shape=shape)
-        clipped = gs.Variable(n["clipped"], dtype=dtype, shape=shape)
-        graph.nodes.append(
-            gs.Node(
-                "Max",
-                name=n["clip_min_node"],
-                inputs=[x, gs.Constant(n["clip_min"], low)],
-                outputs=[clipped_low],
-            )
-        )
-        graph.nodes.append(
-            gs.Node(
-                "Min",
-                name=n["clip_max_node"],
-                inputs=[clipped_low, gs.Constant(n["clip_max"], high)],
-                outputs=[clipped],
-            )
-        )
-        x = clipped
-        added += 2
     scale = gs.Constant(n["scale"], item.scale)
     zero = gs.Constant(n["zero_point"], item.zero)
     attrs = {} if item.axis is None else {"axis": item.axis}
     quantized = gs.Variable(n["quantized"], dtype=item.zero.dtype, shape=shape)
     dequantized = gs.Variable(n["dequantized"], dtype=dtype, shape=shape)
+    dq_output = dequantized if item.clip is None else gs.Variable(n["unclamped"], dtype, shape)
     graph.nodes.append(
         gs.Node(
             "QuantizeLinear",
             name=n["quantize"],
             attrs=dict(attrs),
-            inputs=[x, scale, zero],
+            inputs=[source, scale, zero],
             outputs=[quantized],
         )
     )
@@ -169,9 +158,30 @@ def _insert(graph: gs.Graph, item: ActQdq, dtype: np.dtype) -> int:
             name=n["dequantize"],
             attrs=dict(attrs),
             inputs=[quantized, scale, zero],
-            outputs=[dequantized],
+            outputs=[dq_output],
         )
     )
+    added = 0
+    if item.clip is not None:
+        low, high = item.clip
+        clipped_low = gs.Variable(n["clipped_low"], dtype=dtype, shape=shape)
+        graph.nodes.append(
+            gs.Node(
+                "Max",
+                name=n["clip_min_node"],
+                inputs=[dq_output, gs.Constant(n["clip_min"], low)],
+                outputs=[clipped_low],
+            )
+        )
+        graph.nodes.append(
+            gs.Node(
+                "Min",
+                name=n["clip_max_node"],
+                inputs=[clipped_low, gs.Constant(n["clip_max"], high)],
+                outputs=[dequantized],
+            )
+        )
+        added += 2
     rewire_consumers(consumers, source, dequantized)
     return added
 

@@ -80,7 +80,9 @@ def _check(index: GraphIndex, plan: QuantPlan, quant: WeightQuant) -> tuple[gs.N
     # not graph_ops.find_linear: the MatMul's weight is a DequantizeLinear output by now
     matmul = index.node(names.node(quant.fqn, "MatMul"), "MatMul", LINEAR_PATTERN)
     add = index.node(names.node(quant.fqn, "Add"), "Add", LINEAR_PATTERN)
-    if add.inputs[0] is not matmul.outputs[0]:
+    # a GPTQT linear's Add reads its sum of plane products (binary_weights) instead
+    planes_sum = names.binary_weight(quant.fqn, 1)["offset_output"]
+    if add.inputs[0] is not matmul.outputs[0] and add.inputs[0].name != planes_sum:
         raise GraphPatternError(f"node {add.name} does not read {matmul.name}; {LINEAR_PATTERN}")
     index.constant_input(add, 1, names.bias(quant.fqn), 1, LINEAR_PATTERN)
     assert quant.lorc is not None
@@ -139,7 +141,7 @@ def lowrank_branches(graph: gs.Graph, ctx: PassContext) -> PassResult:
         out_ch, in_ch = quant.codes.shape
         rows, cols = graph_order(plan, layer, linear, in_ch, out_ch)
         dtype = np.dtype(add.inputs[1].dtype)
-        x, main = matmul.inputs[0], matmul.outputs[0]
+        x, main = matmul.inputs[0], add.inputs[0]
         total, nbytes = add_branch(graph, quant, x, main, rows, cols, dtype)
         added_bytes += nbytes
         add.inputs[0] = total

@@ -66,6 +66,18 @@ def make_session(
     Parity tests run both ways: without optimisation to check the graph itself, with it to
     check what users get. Models over 2 GiB must be given as a path (external data).
     """
+    options = session_options(optimize)
+    source: str | bytes
+    if isinstance(path_or_model, onnx.ModelProto):
+        source = path_or_model.SerializeToString()
+    else:
+        source = str(path_or_model)
+    return ort.InferenceSession(source, options, providers=resolve_providers(providers))
+
+
+def session_options(optimize: bool = True) -> ort.SessionOptions:
+    """The options every rptq session uses (make_session; rptq.runtime.ort_kernels reads the
+    optimized graph with the same ones, so it sees the kernels users get)."""
     options = ort.SessionOptions()
     # ORT rewrites DequantizeLinear(int4 weight) + MatMul into MatMulNBits, whose default
     # accuracy level 4 quantizes the *activations* to int8 on the fly: a lossy change to the
@@ -76,12 +88,7 @@ def make_session(
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    source: str | bytes
-    if isinstance(path_or_model, onnx.ModelProto):
-        source = path_or_model.SerializeToString()
-    else:
-        source = str(path_or_model)
-    return ort.InferenceSession(source, options, providers=resolve_providers(providers))
+    return options
 
 
 class OrtLogits:

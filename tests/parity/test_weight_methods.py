@@ -90,18 +90,34 @@ def test_grouped_weights_are_blocked_dequantize_linear(
     assert result.sqnr_db >= LOGITS_MIN_SQNR_DB, result.describe()
 
 
-def graph_weight(graph: onnx.ModelProto, fqn: str, ids: torch.Tensor) -> np.ndarray:
-    """The weight MatMul reads in ORT (the DequantizeLinear/planes output) for linear `fqn`."""
+def graph_tensors(graph: onnx.ModelProto, wanted: list[str], ids: torch.Tensor) -> list:
+    """Intermediate tensors of the graph as ORT computes them (no optimisation)."""
     model = onnx.ModelProto()
     model.CopyFrom(graph)
-    name = names.quantized_weight(fqn)["output"]
-    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    for name in wanted:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = make_session(model, optimize=False)
     feeds = {
         names.GRAPH_INPUT_IDS: ids.numpy(),
         names.GRAPH_ATTENTION_MASK: np.ones_like(ids.numpy()),
     }
-    return session.run([name], feeds)[0]
+    return session.run(wanted, feeds)
+
+
+def graph_plane_weight(graph: onnx.ModelProto, fqn: str, bits: int, ids: torch.Tensor):
+    """A GPTQT linear's weight from the graph's own plane DequantizeLinear outputs and β,
+    summed in the reference's order (planes in index order, β last) in float32."""
+    n = names.binary_weight(fqn, bits)
+    planes = graph_tensors(graph, [n[f"plane{i}_dequantized"] for i in range(bits)], ids)
+    beta = next(
+        onnx.numpy_helper.to_array(init)
+        for init in graph.graph.initializer
+        if init.name == n["offset"]
+    )
+    total = planes[0]
+    for plane in planes[1:]:
+        total = total + plane
+    return total + beta
 
 
 def reference_weight(plan: QuantPlan, fqn: str) -> np.ndarray:
@@ -114,15 +130,18 @@ def reference_weight(plan: QuantPlan, fqn: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("opset", [21, 25])
-def test_gptqt_graph_weights_equal_the_reference_bit_for_bit(
+def test_gptqt_graph_planes_equal_the_reference_bit_for_bit(
     opset, tiny_loaded, calibrate_tiny, eval_ids
 ):
+    """The graph multiplies each plane on its own (so ORT fuses every plane's DQ into an
+    integer MatMul); its planes and β, summed as the reference sums them, are the reference's
+    weight bit for bit, and the reassociated products keep the parity bounds."""
     plan = calibrate_tiny(wbits=3, abits=4, weight_method="gptqt")
     graph = quantized_graph(tiny_loaded, plan, opset=opset)
     for linear in LINEARS:
         fqn = names.module(1, linear)
         np.testing.assert_array_equal(
-            graph_weight(graph, fqn, eval_ids[:1]), reference_weight(plan, fqn)
+            graph_plane_weight(graph, fqn, 3, eval_ids[:1]), reference_weight(plan, fqn)
         )
     check_parity(tiny_loaded, plan, graph, eval_ids)
 

@@ -1,0 +1,471 @@
+"""ONNX Runtime CPU speed of rptq's graphs next to FP32 and ORT's own quantizers (issue 12).
+
+Rows: rptq's FP32 and FP16 exports, the default-target recipes (W4A16, W4A8, W4A4, W4A4KV,
+W3A3KV), the TensorRT variant (W8A8, W4A8) run in ORT, and ORT's own `quantize_dynamic` (W8A8
+dynamic) and `MatMulNBitsQuantizer` (W4, block 32) applied to rptq's FP32 export. Columns:
+median latency of a batch-1 512-token prefill and of a 1-token call (no KV-cache graph exists
+yet, so this is a decode step's GEMV cost without the cache), peak RSS of the process that
+creates the session and runs it, file size, logit SQNR against the FP32 export on the same
+512 tokens, and what ORT made of the weights (integer MatMuls, weight DequantizeLinear nodes
+left in float; rptq.runtime.ort_kernels).
+
+Models are random-weight checkpoints of published OPT shapes (bench/make_random_opt.py):
+speed depends on shapes, not values; perplexity of a random model means nothing, so there is
+no perplexity column. Every measurement is its own subprocess, one at a time.
+
+    python bench/ort_speed.py --sizes 125m,1.3b --layers 1.3b=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    CACHE,
+    PYTHON,
+    REPO,
+    default_data_dir,
+    machine_lines,
+    run_measured,
+    utc_now,
+    write_section,
+)
+
+SCRIPT = str(Path(__file__).resolve())
+PREFILL_TOKENS = 512
+MEMORY_LIMIT = 20 * 2**30
+# label -> (rptq-export flags, ORT MatMulNBits accuracy level the session uses)
+RECIPES: dict[str, list[str]] = {
+    "W4A16": ["--wbits", "4"],
+    "W4A8": ["--wbits", "4", "--abits", "8"],
+    "W4A4": ["--wbits", "4", "--abits", "4"],
+    "W4A4KV": ["--wbits", "4", "--abits", "4", "--only-quant-kv"],
+    "W3A3KV": ["--wbits", "3", "--abits", "3", "--only-quant-kv"],
+    "W8A8 tensorrt": ["--wbits", "8", "--abits", "8", "--target", "tensorrt"],
+    "W4A8 tensorrt": ["--wbits", "4", "--abits", "8", "--target", "tensorrt"],
+}
+# measured again at MatMulNBits accuracy level 4 (int8 activations per block: faster prefill,
+# but no longer the graph's arithmetic)
+LEVEL4 = ("W4A16", "W4A4")
+
+
+def _log(message: str) -> None:
+    print(f"[{utc_now()}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (each runs in its own subprocess)
+
+
+def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, ref: Path) -> None:
+    """Session creation, prefill and 1-token medians, and logits (saved, or SQNR vs `ref`)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from rptq.runtime.ort import session_options
+
+    options = session_options(optimize=True)
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    started = time.perf_counter()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session_s = time.perf_counter() - started
+    ids = np.random.default_rng(0).integers(3, 50000, size=(1, PREFILL_TOKENS), dtype=np.int64)
+
+    def run(tokens: np.ndarray) -> tuple[float, np.ndarray]:
+        start = time.perf_counter()
+        (logits,) = session.run(
+            ["logits"], {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
+        )
+        return time.perf_counter() - start, logits
+
+    _, logits = run(ids)  # warm-up, and the logits for SQNR
+    prefill = [run(ids)[0] for _ in range(repeats)]
+    one = ids[:, :1]
+    run(one)
+    single = [run(one)[0] for _ in range(repeats * 4)]
+    logits = np.asarray(logits, np.float32)
+    sqnr = None
+    if ref.exists():
+        reference = np.load(ref)
+        noise = float(np.sum((logits.astype(np.float64) - reference) ** 2))
+        sqnr = 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / max(noise, 1e-30))
+    else:
+        np.save(ref, logits)
+    out.write_text(
+        json.dumps(
+            {
+                "session_s": session_s,
+                "prefill_ms": 1e3 * statistics.median(prefill),
+                "one_token_ms": 1e3 * statistics.median(single),
+                "sqnr_db": sqnr,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
+
+
+def worker_kernels(path: Path, out: Path) -> None:
+    """What ORT made of the weights (rptq.runtime.ort_kernels) at accuracy level 1."""
+    from rptq.runtime.ort_kernels import kernel_report
+
+    report = kernel_report(path)
+    out.write_text(
+        json.dumps(
+            {
+                "integer_matmuls": report.integer_matmuls,
+                "float_weight_dq": len(report.float_weight_dequantize),
+                "ops": report.op_counts,
+            }
+        )
+    )
+
+
+def worker_peer(kind: str, fp32: Path, out: Path) -> None:
+    """ORT's own quantizers on rptq's FP32 export."""
+    if kind == "dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+        return
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=32, is_symmetric=True)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+@dataclass
+class Row:
+    """One table row."""
+
+    label: str
+    path: Path | None
+    level: int = 1
+    note: str = ""
+    result: dict | None = None
+    kernels: dict | None = None
+    peak_rss: int = 0
+    error: str = ""
+
+
+def _sub(args: argparse.Namespace, name: str, cmd: list[str], env_repo: Path | None = None):
+    log_dir = args.work_dir / "logs"
+    if env_repo is not None:
+        cmd = ["env", f"PYTHONPATH={env_repo}", *cmd]
+    measured = run_measured(cmd, MEMORY_LIMIT, log_dir, name)
+    if not measured.ok:
+        _log(f"{name} failed: {measured.error_line()}")
+    return measured
+
+
+def _cli(args: argparse.Namespace, name: str, flags: list[str], repo: Path = REPO) -> str:
+    """Run rptq-export (the given checkout's rptq) in a subprocess; '' or the error line."""
+    code = "import sys; from rptq.cli import main; sys.exit(main(sys.argv[1:]))"
+    measured = _sub(args, name, [PYTHON, "-c", code, *flags], env_repo=repo)
+    return "" if measured.ok else measured.error_line()
+
+
+def build_rows(args: argparse.Namespace, size: str) -> list[Row]:
+    """Checkpoint, exports and peers of one model size (cached under --work-dir)."""
+    layers = args.layers.get(size)
+    tag = f"{size}" + (f"-{layers}l" if layers else "")
+    work = args.work_dir / tag
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "checkpoint"
+    if not (model / "config.json").exists():
+        cmd = [PYTHON, str(REPO / "bench" / "make_random_opt.py"), "--size", size, "-o", str(model)]
+        if layers:
+            cmd += ["--layers", str(layers)]
+        _log(f"{tag}: writing the random checkpoint")
+        if not _sub(args, f"{tag}-checkpoint", cmd, env_repo=REPO).ok:
+            raise SystemExit(f"error: could not write the {size} checkpoint (see {work}/logs)")
+    rows: list[Row] = []
+    calib = [
+        "--calib-dataset",
+        "c4-sample",
+        "--data-dir",
+        str(args.data_dir),
+        "--nsamples",
+        str(args.nsamples),
+        "--seq-len",
+        str(args.seq_len),
+        "--seed",
+        "2",
+        "--force",
+    ]
+
+    def export(label: str, flags: list[str], repo: Path = REPO, note: str = "") -> Row:
+        path = work / (label.replace(" ", "-").replace("(", "").replace(")", "") + ".onnx")
+        error = ""
+        if not path.exists():
+            _log(f"{tag}: export {label}")
+            error = _cli(args, f"{tag}-{path.stem}", [*flags, "-o", str(path)], repo)
+        return Row(label, None if error else path, note=note, error=error)
+
+    rows.append(export("FP32", ["export", str(model)]))
+    rows.append(export("FP16", ["export", str(model), "--dtype", "float16"]))
+    for label, flags in RECIPES.items():
+        rows.append(export(label, ["run", str(model), *flags, *calib]))
+        if label in LEVEL4 and rows[-1].path is not None:
+            rows.append(
+                Row(
+                    f"{label}, accuracy_level 4",
+                    rows[-1].path,
+                    level=4,
+                    note="int8 activations inside MatMulNBits: not the graph's arithmetic",
+                )
+            )
+    if args.baseline_repo:
+        rows.append(
+            export(
+                "W4A8 (before: DQ feeds MatMul)",
+                ["run", str(model), *RECIPES["W4A8"], *calib],
+                args.baseline_repo,
+                note=f"rptq at {args.baseline_repo}",
+            )
+        )
+    fp32 = rows[0].path
+    for kind, label in (
+        ("dynamic", "ORT quantize_dynamic W8A8"),
+        ("nbits", "ORT MatMulNBitsQuantizer W4 b32"),
+    ):
+        path = work / f"peer-{kind}.onnx"
+        error = ""
+        if fp32 is None:
+            error = "no FP32 export"
+        elif not path.exists():
+            _log(f"{tag}: {label}")
+            measured = _sub(
+                args,
+                f"{tag}-peer-{kind}",
+                [PYTHON, SCRIPT, "peer", kind, str(fp32), str(path)],
+                env_repo=REPO,
+            )
+            error = "" if measured.ok else measured.error_line()
+        rows.append(Row(label, None if error else path, error=error))
+    return rows
+
+
+def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
+    """Time every row (FP32 first: its logits are the SQNR reference), then read its kernels."""
+    ref = args.work_dir / tag / "fp32-logits.npy"
+    if not args.reuse:
+        ref.unlink(missing_ok=True)
+    for i, row in enumerate(rows):
+        if row.path is None:
+            continue
+        out = args.work_dir / tag / f"time-{i}.json"
+        if args.rows and row.label not in args.rows.split(","):
+            row.error = "not run this time (--rows)"
+            if not (args.reuse and out.exists()):
+                continue
+        if args.reuse and out.exists():  # an earlier run's measurement of the same file
+            row.result = json.loads(out.read_text())
+            row.peak_rss = row.result.get("peak_rss_bytes", 0)
+            kout = args.work_dir / tag / f"kernels-{i}.json"
+            row.kernels = json.loads(kout.read_text()) if kout.exists() else None
+            continue
+        _log(f"{tag}: timing {row.label}")
+        measured = _sub(
+            args,
+            f"{tag}-time-{i}",
+            [
+                PYTHON,
+                SCRIPT,
+                "time",
+                str(row.path),
+                "--threads",
+                str(args.threads),
+                "--repeats",
+                str(args.repeats),
+                "--level",
+                str(row.level),
+                "--out",
+                str(out),
+                "--ref",
+                str(ref),
+            ],
+            env_repo=REPO,
+        )
+        if not measured.ok:
+            row.error = measured.error_line()
+            continue
+        row.result, row.peak_rss = json.loads(out.read_text()), measured.peak_rss_bytes
+        if row.level == 1 and (args.kernels == "all" or row.label in args.kernels.split(",")):
+            kout = args.work_dir / tag / f"kernels-{i}.json"
+            if _sub(
+                args,
+                f"{tag}-kernels-{i}",
+                [PYTHON, SCRIPT, "kernels", str(row.path), "--out", str(kout)],
+                env_repo=REPO,
+            ).ok:
+                row.kernels = json.loads(kout.read_text())
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def table(tag: str, rows: list[Row]) -> str:
+    """The markdown table of one model size."""
+    fp = rows[0]
+    base = fp.result or {}
+    lines = [
+        f"#### {tag}",
+        "",
+        "| graph | prefill 512 (ms) | x FP32 | 1-token call (ms) | x FP32 | peak RSS (GiB) | "
+        "x FP32 | file (MiB) | logit SQNR vs FP32 (dB) | integer MatMuls / weight DQ left |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        if row.result is None:
+            lines.append(f"| {row.label} | not run: {row.error or 'no graph'} |||||||||")
+            continue
+        r = row.result
+
+        def ratio(key: str, r: dict = r) -> str:
+            return f"{r[key] / base[key]:.2f}" if base.get(key) else ""
+
+        rss_ratio = f"{row.peak_rss / fp.peak_rss:.2f}" if fp.peak_rss and row.peak_rss else ""
+        rss = f"{row.peak_rss / 2**30:.2f}" if row.peak_rss else "n/a"
+        sqnr = "ref" if row is fp else ("" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}")
+        kernels = (
+            f"{row.kernels['integer_matmuls']} / {row.kernels['float_weight_dq']}"
+            if row.kernels
+            else "not counted"
+        )
+        label = row.label + (f" ({row.note})" if row.note else "")
+        lines.append(
+            f"| {label} | {r['prefill_ms']:.0f} | {ratio('prefill_ms')} | "
+            f"{r['one_token_ms']:.1f} | {ratio('one_token_ms')} | {rss} | "
+            f"{rss_ratio} | {_size(row.path) / 2**20:.0f} | {sqnr} | {kernels} |"
+        )
+    return "\n".join(lines)
+
+
+def _body(
+    args: argparse.Namespace, argv: list[str] | None, started: float, load: str, sections: list
+) -> str:
+    """The RESULTS.md section: context lines, then one table per model size."""
+    minutes = (time.perf_counter() - started) / 60
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    return "\n".join(
+        [
+            "## ONNX Runtime CPU speed of the quantized graphs (bench/ort_speed.py, issue 12)",
+            "",
+            *machine_lines(),
+            f"- load average when the run started: {load}",
+            f"- command: `python bench/ort_speed.py {argv_text}` ({minutes:.0f} min so far)",
+            f"- ORT CPU provider, {args.threads} intra-op threads, batch 1, default optimisations "
+            "(ORT_ENABLE_ALL) with rptq's session options (MatMulNBits accuracy_level 1 unless the "
+            "row says 4); prefill: median of "
+            f"{args.repeats} runs of {PREFILL_TOKENS} tokens after a warm-up; 1-token call: median "
+            f"of {args.repeats * 4}; peak RSS: the whole worker process (Python, ORT, session "
+            "creation, runs); SQNR: logits of the same 512 tokens against the FP32 export.",
+            f"- calibration for the quantized rows: c4-sample, {args.nsamples} windows of "
+            f"{args.seq_len} tokens, RTN weights, default clusters (speed does not depend on "
+            "them).",
+            "",
+            *sections,
+        ]
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="worker")
+    t = sub.add_parser("time", help="worker: latency, logits")
+    t.add_argument("path", type=Path)
+    t.add_argument("--threads", type=int, required=True)
+    t.add_argument("--repeats", type=int, required=True)
+    t.add_argument("--level", type=int, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--ref", type=Path, required=True)
+    k = sub.add_parser("kernels", help="worker: ORT's optimized graph")
+    k.add_argument("path", type=Path)
+    k.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("peer", help="worker: ORT's quantizers")
+    p.add_argument("kind", choices=["dynamic", "nbits"])
+    p.add_argument("fp32", type=Path)
+    p.add_argument("out", type=Path)
+    parser.add_argument("--sizes", default="125m,1.3b", help="comma-separated OPT sizes")
+    parser.add_argument(
+        "--layers", default="1.3b=4", help="decoder layers per size, e.g. 1.3b=4 (default: all)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefills (x4 1-token calls)")
+    parser.add_argument("--nsamples", type=int, default=4, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=128, help="calibration window length")
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
+    parser.add_argument("--work-dir", type=Path, default=CACHE / "ort_speed")
+    parser.add_argument(
+        "--baseline-repo",
+        type=Path,
+        help="another rptq checkout: add its W4A8 export as a 'before' row",
+    )
+    parser.add_argument(
+        "--kernels", default="all", help="rows (labels, comma-separated) whose kernels are counted"
+    )
+    parser.add_argument("--rows", default="", help="time only these rows (labels, comma-separated)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep timings an earlier run left in --work-dir"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the models and graphs")
+    parser.add_argument("--no-write", action="store_true", help="print only, no RESULTS.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a worker, or the whole benchmark and write its RESULTS.md section."""
+    args = _parser().parse_args(argv)
+    if args.worker == "time":
+        worker_time(args.path, args.threads, args.repeats, args.level, args.out, args.ref)
+        return 0
+    if args.worker == "kernels":
+        worker_kernels(args.path, args.out)
+        return 0
+    if args.worker == "peer":
+        worker_peer(args.kind, args.fp32, args.out)
+        return 0
+    args.layers = dict(item.split("=") for item in args.layers.split(",") if item)
+    args.layers = {k: int(v) for k, v in args.layers.items()}
+    started = time.perf_counter()
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    sections = []
+    for size in args.sizes.split(","):
+        layers = args.layers.get(size)
+        tag = f"{size}" + (f"-{layers}l" if layers else "")
+        rows = build_rows(args, size)
+        measure(args, tag, rows)
+        name = f"random OPT-{size} shape" + (f", first {layers} decoder layers" if layers else "")
+        sections.append(table(name, rows))
+        print(sections[-1], flush=True)
+        if not args.no_write:  # after each size, so a long run keeps what it measured
+            write_section("ort_speed", _body(args, argv, started, load_before, sections))
+    if not args.keep:
+        shutil.rmtree(args.work_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main())
