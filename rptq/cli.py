@@ -76,7 +76,12 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
         default="cluster",
         help="activation scales per RPTQ cluster, per tensor, or per channel",
     )
-    group.add_argument("--act-metric", choices=["ema_minmax", "minmax"], default="ema_minmax")
+    group.add_argument(
+        "--act-metric",
+        choices=["ema_minmax", "minmax", "mse", "percentile"],
+        default="ema_minmax",
+        help="activation ranges: ema_minmax reproduces RPTQ's published setting",
+    )
     group.add_argument(
         "--weight-method",
         choices=["rtn", "gptq", "gptqt"],

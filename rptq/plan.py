@@ -78,6 +78,8 @@ class ActMetric(StrEnum):
 
     EMA_MINMAX = "ema_minmax"  # RPTQ's default: 0.99 EMA of per-row cluster extremes
     MINMAX = "minmax"  # global extremes
+    MSE = "mse"  # per cluster, the clipped range with the least quantization MSE (histogram)
+    PERCENTILE = "percentile"  # per cluster, clipped at the 0.01 % and 99.99 % points
 
 
 @dataclass(frozen=True, slots=True)
