@@ -155,12 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--section", default=SECTION)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--from-json", type=Path,
+                        help="render rows a previous run wrote with --json-out (no measuring)")
+    parser.add_argument("--wall-min", type=float, default=0.0,
+                        help="with --from-json: that run's wall time, for the report")
+    parser.add_argument("--command", help="with --from-json: that run's command line")
     args = parser.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     command = "python bench/act_metrics.py " + shlex.join(given)
     started = time.perf_counter()
-    result = measure(args)
-    text = render(result, args, command.strip(), time.perf_counter() - started)
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())
+        result = {"rows": rows, "eval_windows": args.limit}
+        text = render(result, args, args.command or command.strip(), args.wall_min * 60)
+    else:
+        result = measure(args)
+        text = render(result, args, command.strip(), time.perf_counter() - started)
     print(text)
     if not args.no_write:
         write_section(args.section, text)

@@ -79,8 +79,9 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--act-metric",
         choices=["ema_minmax", "minmax", "mse", "percentile"],
-        default="ema_minmax",
-        help="activation ranges: ema_minmax reproduces RPTQ's published setting",
+        default="mse",
+        help="activation ranges per cluster: mse (default) searches the clipped range with the "
+        "least quantization error; ema_minmax reproduces RPTQ's published setting",
     )
     group.add_argument(
         "--weight-method",

@@ -4,7 +4,7 @@ They need the calibration values, not only their extremes. Keeping the rows woul
 N x T x C floats per activation; instead a second pass over the windows (same float layer, same
 inputs as the range pass) fills a histogram per cluster over the cluster's global [lo, hi] from
 the minmax pass. Memory is bounded per activation and per layer (at most `HISTOGRAM_BINS_BUDGET`
-int64 counts, so 2 MiB, whatever the window count; the layer-by-layer loop drops them after the
+int64 counts, so 0.5 MiB, whatever the window count; the layer-by-layer loop drops them after the
 layer), and counts add exactly, so a sharded calibration merges to the single-device plan byte
 for byte. The search itself is `rptq.quant.clip_search` (numpy, float64, CPU).
 """
@@ -27,7 +27,7 @@ from rptq.quant.clip_search import mse_ranges, percentile_ranges
 SEARCHED_METRICS = frozenset({ActMetric.MSE, ActMetric.PERCENTILE})
 MAX_BINS = 2048  # per cluster: at A8 and a range clipped to half, about 4 bins per grid step
 MIN_BINS = 64
-HISTOGRAM_BINS_BUDGET = 1 << 18  # per activation: clusters x bins (per-channel gets fewer bins)
+HISTOGRAM_BINS_BUDGET = 1 << 16  # per activation: clusters x bins (per-channel gets fewer bins)
 
 
 def bins_for(clusters: int) -> int:
