@@ -118,10 +118,18 @@ def mse_ranges(
 
     counts [K, B]: non-zero values per bin over [lo, hi]; zeros [K]: exact zeros.
     """
-    lo = np.asarray(lo, dtype=np.float64)
-    hi = np.asarray(hi, dtype=np.float64)
-    counts_f = np.asarray(counts, dtype=np.float64)
-    zeros_f = np.asarray(zeros, dtype=np.float64)
+    lo64: NDArray[np.float64] = np.asarray(lo, dtype=np.float64)
+    hi64: NDArray[np.float64] = np.asarray(hi, dtype=np.float64)
+    return _search(np.asarray(counts, np.float64), np.asarray(zeros, np.float64), lo64, hi64, bits)
+
+
+def _search(
+    counts_f: NDArray[np.float64],
+    zeros_f: NDArray[np.float64],
+    lo: NDArray[np.float64],
+    hi: NDArray[np.float64],
+    bits: int,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     bins = counts_f.shape[1]
     width = np.where(hi > lo, (hi - lo) / bins, 1.0)[:, None]
     edges = lo[:, None] + np.arange(bins + 1, dtype=np.float64)[None, :] * width
