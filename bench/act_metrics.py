@@ -135,12 +135,13 @@ def render(result: dict[str, object], args: argparse.Namespace, command: str, wa
             for metric in args.metrics:
                 cells = [_cell(rows, model=model_name, setting=label, metric=metric,
                                granularity=g) for g in GRANULARITIES]
-                if any(c is None for c in cells):
+                if all(c is None for c in cells):
                     continue
-                text = [f"{c['sqnr_db']:.1f} dB / {c['kl']:.4f}" for c in cells]
-                gain = cells[1]["sqnr_db"] - cells[0]["sqnr_db"]
-                lines.append(f"| W16{label} | `{metric}` | " + " | ".join(text)
-                             + f" | {gain:+.1f} dB |")
+                text = ["not run" if c is None else f"{c['sqnr_db']:.1f} dB / {c['kl']:.4f}"
+                        for c in cells]
+                gain = ("" if cells[0] is None or cells[1] is None
+                        else f"{cells[1]['sqnr_db'] - cells[0]['sqnr_db']:+.1f} dB")
+                lines.append(f"| W16{label} | `{metric}` | " + " | ".join(text) + f" | {gain} |")
         lines.append("")
     return "\n".join(lines)
 
