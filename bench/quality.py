@@ -267,7 +267,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", choices=["ladder", "row"], default="ladder",
                         help="ladder (default): the whole table; row: one worker (internal)")
     add_calibration_args(parser, default_model(), nsamples=128)
-    parser.add_argument("--act-metric", choices=["ema_minmax", "minmax"], default="ema_minmax",
+    parser.add_argument("--act-metric", choices=["ema_minmax", "minmax", "mse", "percentile"],
+                        default="ema_minmax",
                         help="how activation ranges combine across calibration rows")
     parser.add_argument("--limit", type=int, default=64, help="wikitext2 windows per row")
     parser.add_argument("--settings", default=",".join(s[0] for s in SETTINGS),

