@@ -52,6 +52,7 @@ class ClusterHistogram:
         self.zeros: dict[Act, torch.Tensor] = {}
 
     def __call__(self, act: Act, x: torch.Tensor) -> torch.Tensor:
+        """Count this window's values of `act` into its clusters' bins; pass `x` through."""
         if act not in self.lo:
             return x
         flat = x.detach().reshape(-1, x.shape[-1]).double()
