@@ -29,7 +29,9 @@ from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.context import PassContext, PassResult
 from rptq.passes.graph_ops import (
     GraphIndex,
+    RowTermNames,
     add_dequantize,
+    add_row_term,
     packed_nbytes,
     rewire_consumers,
     weight_matmul,
@@ -102,28 +104,17 @@ def _add_offset(
 ) -> gs.Variable:
     """`total + ReduceSum(x, last axis) · β`: x·1βᵀ, the offset's share of x·W, per token."""
     n = names.binary_weight(fqn, 1)
-    dtype = beta.dtype
-    input_sum = gs.Variable(n["input_sum"], dtype=dtype)
-    product = gs.Variable(n["offset_product"], dtype=dtype)
-    output = gs.Variable(n["offset_output"], dtype=dtype)
-    axes = gs.Constant(n["input_sum_axes"], np.array([-1], np.int64))
-    graph.nodes += [
-        gs.Node(
-            "ReduceSum",
-            name=n["input_sum_node"],
-            attrs={"keepdims": 1},
-            inputs=[x, axes],
-            outputs=[input_sum],
-        ),
-        gs.Node(
-            "Mul",
-            name=n["offset_mul_node"],
-            inputs=[input_sum, gs.Constant(n["offset"], beta)],
-            outputs=[product],
-        ),
-        gs.Node("Add", name=n["offset_node"], inputs=[total, product], outputs=[output]),
-    ]
-    return output
+    term = RowTermNames(
+        reduce_node=n["input_sum_node"],
+        axes=n["input_sum_axes"],
+        reduced=n["input_sum"],
+        mul_node=n["offset_mul_node"],
+        row=n["offset"],
+        product=n["offset_product"],
+        combine_node=n["offset_node"],
+        output=n["offset_output"],
+    )
+    return add_row_term(graph, x, total, beta, term, "Add")
 
 
 def binary_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:

@@ -201,3 +201,52 @@ def as_dtype(values: NDArray[np.number], dtype: np.dtype, what: str) -> NDArray[
     if not np.all(np.isfinite(cast)):
         raise PlanError(f"{what}: a folded value is not representable in {dtype}; recalibrate")
     return cast
+
+
+@dataclass(frozen=True, slots=True)
+class RowTermNames:
+    """The names of one `y ± ReduceSum(x) ⊗ row` term (from names.py, per caller's role)."""
+
+    reduce_node: str
+    axes: str
+    reduced: str
+    mul_node: str
+    row: str
+    product: str
+    combine_node: str
+    output: str
+
+
+def add_row_term(
+    graph: gs.Graph,
+    x: gs.Tensor,
+    y: gs.Tensor,
+    row: NDArray[np.floating],
+    n: RowTermNames,
+    combine: str,
+) -> gs.Variable:
+    """`y + ReduceSum(x) ⊗ row` (combine "Add") or `y − …` ("Sub"), a per-token rank-1 term.
+
+    x·(1 rowᵀ) is the share of x·W of a weight part that is constant along the input dim (a
+    GPTQT offset β, the zero points of a symmetric-stored weight): one reduction per token
+    instead of a full float GEMM, which keeps the weight itself on an integer kernel.
+    """
+    dtype = row.dtype
+    reduced = gs.Variable(n.reduced, dtype=dtype)
+    product = gs.Variable(n.product, dtype=dtype)
+    output = gs.Variable(n.output, dtype=dtype)
+    axes = gs.Constant(n.axes, np.array([-1], np.int64))
+    graph.nodes += [
+        gs.Node(
+            "ReduceSum",
+            name=n.reduce_node,
+            attrs={"keepdims": 1},
+            inputs=[x, axes],
+            outputs=[reduced],
+        ),
+        gs.Node(
+            "Mul", name=n.mul_node, inputs=[reduced, gs.Constant(n.row, row)], outputs=[product]
+        ),
+        gs.Node(combine, name=n.combine_node, inputs=[y, product], outputs=[output]),
+    ]
+    return output

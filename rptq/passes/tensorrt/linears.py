@@ -31,7 +31,9 @@ from rptq.passes.binary_weights import PLANE_AXIS, add_plane_products, graph_pla
 from rptq.passes.graph_ops import (
     GraphIndex,
     Linear,
+    RowTermNames,
     add_dequantize,
+    add_row_term,
     as_dtype,
     find_linear,
     float_dtype,
@@ -363,26 +365,15 @@ def _int4_edit(
 def _subtract_zero_points(graph: gs.Graph, linear: Linear, row: NDArray[np.floating]) -> None:
     """y = x·DQ(C) − ReduceSum(x) ⊗ (s_w∘z_w): the zero points of a symmetric-stored weight."""
     n = names.weight_zero_correction(linear.module)
+    term = RowTermNames(
+        reduce_node=n["reduce_node"],
+        axes=n["axes"],
+        reduced=n["reduced"],
+        mul_node=n["mul_node"],
+        row=n["row"],
+        product=n["product"],
+        combine_node=n["sub_node"],
+        output=n["output"],
+    )
     x, y = linear.matmul.inputs[0], linear.add.inputs[0]
-    dtype = row.dtype
-    reduced = gs.Variable(n["reduced"], dtype=dtype)
-    product = gs.Variable(n["product"], dtype=dtype)
-    output = gs.Variable(n["output"], dtype=dtype)
-    axes = gs.Constant(n["axes"], np.array([-1], np.int64))
-    graph.nodes += [
-        gs.Node(
-            "ReduceSum",
-            name=n["reduce_node"],
-            attrs={"keepdims": 1},
-            inputs=[x, axes],
-            outputs=[reduced],
-        ),
-        gs.Node(
-            "Mul",
-            name=n["mul_node"],
-            inputs=[reduced, gs.Constant(n["row"], row)],
-            outputs=[product],
-        ),
-        gs.Node("Sub", name=n["sub_node"], inputs=[y, product], outputs=[output]),
-    ]
-    linear.add.inputs[0] = output
+    linear.add.inputs[0] = add_row_term(graph, x, y, row, term, "Sub")
