@@ -24,6 +24,7 @@ THREE_UNEVEN = ["cpu", "cpu", "cpu"]  # 8 windows -> shards of 3, 3 and 2
 def recipe(**fields):
     """The recipe `calibrate_tiny(wbits=4, abits=4, **fields)` calibrates."""
     fields.setdefault("clusters", dict(TINY_CLUSTERS))
+    fields.setdefault("act_metric", "ema_minmax")  # as calibrate_tiny (tests/conftest.py)
     return Recipe(wbits=4, abits=4, nsamples=8, seq_len=64, calib_dataset="random", **fields)
 
 
