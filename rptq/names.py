@@ -23,6 +23,10 @@ from rptq.points import Act, Reorder
 GRAPH_INPUT_IDS = "input_ids"
 GRAPH_ATTENTION_MASK = "attention_mask"
 GRAPH_LOGITS = "logits"
+# the with-past graph (docs/graph.md, "Decoder with past"): optimum's / onnxruntime-genai's names
+GRAPH_POSITION_IDS = "position_ids"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
 
 DECODER = "model.decoder"
 EMBED_TOKENS = f"{DECODER}.embed_tokens"
@@ -44,6 +48,56 @@ ACT_TENSOR: dict[Act, tuple[str, str]] = {
     Act.FFN_LN_OUT: ("final_layer_norm", "output"),
     Act.FC2_IN: ("fc2", "input"),
 }
+
+
+def past_key(index: int) -> str:
+    """Graph input: the cached keys of decoder layer `index`, [B, H, P, hd]."""
+    return f"{PAST_PREFIX}{index}.key"
+
+
+def past_value(index: int) -> str:
+    """Graph input: the cached values of decoder layer `index`, [B, H, P, hd]."""
+    return f"{PAST_PREFIX}{index}.value"
+
+
+def present_key(index: int) -> str:
+    """Graph output: past plus this step's keys of decoder layer `index`, [B, H, P + S, hd]."""
+    return f"{PRESENT_PREFIX}{index}.key"
+
+
+def present_value(index: int) -> str:
+    """Graph output: past plus this step's values of decoder layer `index`, [B, H, P + S, hd]."""
+    return f"{PRESENT_PREFIX}{index}.value"
+
+
+def kv_cache(act_name: str) -> dict[str, str]:
+    """Names of the integer KV cache written for activation `act_name` (k or v of a layer).
+
+    `<act>/cache/QuantizeLinear` makes the new tokens' codes (zero point
+    `<act>/cache/quantize_zero_point` in the cache's container), `Clip` keeps them on the
+    plan's grid, the Reshape/Transpose/Concat of the float graph then carry codes, and after
+    the Concat `Cast -> Sub(<act>/cache/zero_point) -> Mul(<act>/cache/scale)` dequantizes
+    the whole cache. `scale` and `zero_point` are float [H, 1, hd] (cache layout) for clients.
+    """
+    return {
+        "quantize": f"{act_name}/cache/QuantizeLinear",
+        "quantize_zero_point": f"{act_name}/cache/quantize_zero_point",
+        "codes": f"{act_name}/cache/codes",
+        "clip": f"{act_name}/cache/Clip",
+        "clip_min": f"{act_name}/cache/clip_min",
+        "clip_max": f"{act_name}/cache/clip_max",
+        "clipped": f"{act_name}/cache/clipped",
+        "cast_node": f"{act_name}/cache/Cast",
+        "cast_codes": f"{act_name}/cache/wide_codes",
+        "narrow_node": f"{act_name}/cache/narrow/Cast",
+        "narrowed": f"{act_name}/cache/narrowed",
+        "sub_node": f"{act_name}/cache/Sub",
+        "zero_point": f"{act_name}/cache/zero_point",
+        "centered": f"{act_name}/cache/centered",
+        "mul_node": f"{act_name}/cache/Mul",
+        "scale": f"{act_name}/cache/scale",
+        "dequantized": f"{act_name}/cache/dequantized",
+    }
 
 
 def layer(index: int) -> str:

@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from rptq.calib.runner import calibrate
-from rptq.exporter.options import ExportDtype, ExportOptions
+from rptq.exporter.options import ExportDtype, ExportOptions, KvCacheDtype
 from rptq.log import Progress
 from rptq.model.load import LoadedModel
 from rptq.plan import QuantPlan, Recipe, Target
@@ -75,9 +75,14 @@ def quantized_graph(
     opset: int = 21,
     target: Target = Target.ORT,
     int4_block_size: int = 0,
+    past: bool = False,
+    kv_cache_dtype: KvCacheDtype = "float",
 ) -> onnx.ModelProto:
     """The whole graph in memory, with the plan's reorders folded and its Q/DQ inserted (FP if
     no plan), in the canonical layout (rptq.exporter.parts) that `export_onnx` writes.
+
+    `past` builds the decoder-with-past graph; `kv_cache_dtype` int8/uint8 stores its cache as
+    the plan's K/V codes (ExportOptions checks the combination).
 
     `target` "trt" writes the TensorRT variant (docs/tensorrt-rules.md, "Implementation");
     `int4_block_size` (64/128, "trt" only) stores its weights as blocked INT4. Holds the whole
@@ -88,13 +93,15 @@ def quantized_graph(
     from rptq.passes.context import PassContext
     from rptq.passes.pipeline import run_passes
 
-    graph = build_fp_graph(model, dtype=dtype, opset=opset)
+    ExportOptions(dtype, opset, target, int4_block_size, past=past, kv_cache_dtype=kv_cache_dtype)
+    graph = build_fp_graph(model, dtype, opset, past, kv_cache_dtype)
     if plan is not None:
         ctx = PassContext(
             plan=plan,
             opset=opset,
             target=target,
             int4_block_size=int4_block_size,
+            kv_cache_dtype=kv_cache_dtype,
         )
         graph, results = run_passes(graph, ctx)
         for result in results:

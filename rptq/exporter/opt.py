@@ -1,4 +1,5 @@
-"""Build the FP prefill graph of an OPT model directly from its weights (docs/graph.md).
+"""Build the FP graph of an OPT model directly from its weights (docs/graph.md): the prefill
+graph, or the decoder-with-past graph that serves prefill and decode with a KV cache.
 
 The graph is written with onnx.helper rather than traced with torch.onnx.export: tracing emits
 different graphs per torch version (Gemm vs MatMul, weight Transposes, extra LayerNorm outputs,
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import onnx
@@ -22,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 import rptq
 from rptq import names
 from rptq.errors import ConfigError
-from rptq.exporter.options import ExportDtype
+from rptq.exporter.options import ExportDtype, KvCacheDtype
 from rptq.model.forward import LN_EPS, POSITION_OFFSET, LayerWeights, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.shape import OptShape
@@ -39,6 +40,17 @@ META_DTYPE = "rptq.dtype"
 META_NUM_LAYERS = "rptq.num_layers"
 META_SHAPE = "rptq.shape"
 META_CONFIG_HASH = "rptq.config_hash"
+# written on with-past graphs only (prefill exports keep their bytes)
+META_PAST = "rptq.past"
+META_KV_CACHE_DTYPE = "rptq.kv_cache_dtype"
+
+# dim params of the with-past graph, spelled as optimum and onnxruntime-genai spell them
+DIM_BATCH = "batch_size"
+DIM_SEQUENCE = "sequence_length"
+DIM_PAST = "past_sequence_length"
+DIM_TOTAL = "total_sequence_length"
+PREFILL_INPUTS = (names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK)
+PAST_TOKEN_INPUTS = (*PREFILL_INPUTS, names.GRAPH_POSITION_IDS)
 
 
 def output_name(module_path: str, role: str) -> str:
@@ -57,7 +69,7 @@ class _GraphBuilder:
     def __init__(
         self,
         dtype: ExportDtype,
-        inputs: tuple[str, ...] = (names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK),
+        inputs: tuple[str, ...] = PREFILL_INPUTS,
     ) -> None:
         self.np_dtype = _NP_DTYPES[dtype]
         self.nodes: list[onnx.NodeProto] = []
@@ -128,8 +140,12 @@ def _layer_norm(
     )
 
 
-def _embeddings(g: _GraphBuilder, model: LoadedModel) -> str:
-    """Token plus learned position embeddings; positions count only unmasked tokens."""
+def _embeddings(g: _GraphBuilder, model: LoadedModel, past: bool = False) -> str:
+    """Token plus learned position embeddings; positions count only unmasked tokens.
+
+    The prefill graph counts them from the mask; the with-past graph reads `position_ids`
+    (the mask covers the past too, so its count would need slicing) as optimum feeds them.
+    """
     tokens_module, positions_module = names.EMBED_TOKENS, names.EMBED_POSITIONS
     table = g.float_constant(names.weight(tokens_module), model.weights.get(EMBED_TOKENS))
     tokens = g.op(
@@ -141,17 +157,21 @@ def _embeddings(g: _GraphBuilder, model: LoadedModel) -> str:
     )
 
     mask = names.GRAPH_ATTENTION_MASK
-    axis = g.constant(names.tensor(positions_module, "cumsum_axis"), np.array(1, np.int64))
-    one = g.constant(names.tensor(positions_module, "one"), np.array(1, np.int64))
+    if past:
+        count = names.GRAPH_POSITION_IDS
+    else:
+        axis = g.constant(names.tensor(positions_module, "cumsum_axis"), np.array(1, np.int64))
+        one = g.constant(names.tensor(positions_module, "one"), np.array(1, np.int64))
     offset = g.constant(
         names.tensor(positions_module, "offset"), np.array(POSITION_OFFSET, np.int64)
     )
-    # TensorRT's CumSum takes float only; float32 counts exactly up to 2**24 tokens
-    count = g.op("Cast", [mask], positions_module, "mask_float", to=TensorProto.FLOAT)
-    count = g.op("CumSum", [count, axis], positions_module)
-    count = g.op("Cast", [count], positions_module, "count_int", to=TensorProto.INT64)
-    count = g.op("Mul", [count, mask], positions_module)
-    count = g.op("Sub", [count, one], positions_module)
+    if not past:
+        # TensorRT's CumSum takes float only; float32 counts exactly up to 2**24 tokens
+        count = g.op("Cast", [mask], positions_module, "mask_float", to=TensorProto.FLOAT)
+        count = g.op("CumSum", [count, axis], positions_module)
+        count = g.op("Cast", [count], positions_module, "count_int", to=TensorProto.INT64)
+        count = g.op("Mul", [count, mask], positions_module)
+        count = g.op("Sub", [count, one], positions_module)
     positions = g.op(
         "Add", [count, offset], positions_module, output=names.tensor(positions_module, "positions")
     )
@@ -168,22 +188,34 @@ def _embeddings(g: _GraphBuilder, model: LoadedModel) -> str:
     return g.op("Add", [tokens, position_embeds], names.DECODER, "embed_add")
 
 
-def _additive_mask(g: _GraphBuilder) -> str:
-    """[B, 1, T, T] additive mask: 0 where a query may attend, the dtype's lowest elsewhere.
+def _additive_mask(g: _GraphBuilder, past: bool = False) -> str:
+    """[B, 1, S, T] additive mask: 0 where a query may attend, the dtype's lowest elsewhere.
 
     Same values as rptq.model.forward.causal_mask: causal (lower-triangular ones) AND the key
-    is not padding.
+    is not padding. Prefill: S = T. With past, query i sits at position P + i of the T = P + S
+    keys (P cached), so the triangle is shifted right by P (Trilu's k).
     """
     module_path, mask = names.MASK_MODULE, names.GRAPH_ATTENTION_MASK
     length = g.op("Shape", [mask], module_path, start=1, end=2)  # [T]
-    square = g.op("Concat", [length, length], module_path, axis=0)  # [T, T]
+    queries = length
+    if past:
+        queries = g.op(
+            "Shape", [names.GRAPH_INPUT_IDS], module_path, "query_length", start=1, end=2
+        )  # [S]
+    square = g.op("Concat", [queries, length], module_path, axis=0)  # [S, T]
     ones = g.op(
         "ConstantOfShape",
         [square],
         module_path,
         value=numpy_helper.from_array(np.array([True]), "value"),
     )
-    causal = g.op("Trilu", [ones], module_path, upper=0)
+    if past:
+        shift = g.op("Sub", [length, queries], module_path, "past_length")  # [P]
+        axes = g.constant(names.tensor(module_path, "squeeze_axes"), np.array([0], np.int64))
+        shift = g.op("Squeeze", [shift, axes], module_path)  # scalar P
+        causal = g.op("Trilu", [ones, shift], module_path, upper=0)
+    else:
+        causal = g.op("Trilu", [ones], module_path, upper=0)
     keep = g.op("Cast", [mask], module_path, to=TensorProto.BOOL)
     axes = g.constant(names.tensor(module_path, "unsqueeze_axes"), np.array([1, 2], np.int64))
     keys = g.op("Unsqueeze", [keep, axes], module_path)  # [B, 1, 1, T]
@@ -198,9 +230,20 @@ def _additive_mask(g: _GraphBuilder) -> str:
 
 
 def _attention(
-    g: _GraphBuilder, index: int, a: str, w: LayerWeights, mask: str, shape: OptShape
+    g: _GraphBuilder,
+    index: int,
+    a: str,
+    w: LayerWeights,
+    mask: str,
+    shape: OptShape,
+    past: bool = False,
 ) -> str:
-    """Eager multi-head attention of one layer; returns the out_proj input (heads merged)."""
+    """Eager multi-head attention of one layer; returns the out_proj input (heads merged).
+
+    With `past`, this step's keys and values (after their activation Q/DQ, which the passes put
+    on `k`/`v` before the Reshape) are appended to the cache inputs along the sequence axis;
+    the Concats write the `present` outputs, and attention reads the whole cache.
+    """
     attn = names.module(index, "self_attn")
     heads, head_dim = shape.num_heads, shape.head_dim
 
@@ -227,8 +270,29 @@ def _attention(
         return g.op("Transpose", [x], attn, f"{name}_transpose", perm=perm)
 
     q_heads = heads_of(q, "q", [0, 2, 1, 3])  # [B, H, T, hd]
-    k_heads_t = heads_of(k, "k", [0, 2, 3, 1])  # [B, H, hd, T]
-    v_heads = heads_of(v, "v", [0, 2, 1, 3])  # [B, H, T, hd]
+    if past:
+        k_new = heads_of(k, "k", [0, 2, 1, 3])  # [B, H, S, hd]
+        v_new = heads_of(v, "v", [0, 2, 1, 3])
+        keys = g.op(
+            "Concat",
+            [names.past_key(index), k_new],
+            attn,
+            "k_concat",
+            output=names.present_key(index),
+            axis=2,
+        )  # [B, H, P + S, hd]
+        v_heads = g.op(
+            "Concat",
+            [names.past_value(index), v_new],
+            attn,
+            "v_concat",
+            output=names.present_value(index),
+            axis=2,
+        )
+        k_heads_t = g.op("Transpose", [keys], attn, "k_cache_transpose", perm=[0, 1, 3, 2])
+    else:
+        k_heads_t = heads_of(k, "k", [0, 2, 3, 1])  # [B, H, hd, T]
+        v_heads = heads_of(v, "v", [0, 2, 1, 3])  # [B, H, T, hd]
     scores = g.op("MatMul", [q_heads, k_heads_t], attn, "scores")
     scores = g.op("Add", [scores, mask], attn, "mask_add")
     probs = g.op("Softmax", [scores], attn, axis=-1, output=names.act_tensor(index, Act.ATTN_PROBS))
@@ -244,7 +308,13 @@ def _attention(
 
 
 def _decoder_layer(
-    g: _GraphBuilder, index: int, hidden: str, w: LayerWeights, mask: str, shape: OptShape
+    g: _GraphBuilder,
+    index: int,
+    hidden: str,
+    w: LayerWeights,
+    mask: str,
+    shape: OptShape,
+    past: bool = False,
 ) -> str:
     """Pre-LN OPT decoder layer (docs/graph.md, "Decoder layer L")."""
     layer = names.layer(index)
@@ -261,7 +331,7 @@ def _decoder_layer(
         w["self_attn_layer_norm.bias"],
         names.act_tensor(index, Act.ATTN_LN_OUT),
     )
-    o = _attention(g, index, a, w, mask, shape)
+    o = _attention(g, index, a, w, mask, shape, past)
     o = linear(
         "self_attn.out_proj", o, names.tensor(names.module(index, "self_attn.out_proj"), "output")
     )
@@ -324,30 +394,63 @@ def layer_input(index: int) -> str:
     return names.tensor(names.layer(index - 1), "output")
 
 
-def _hidden_info(name: str, dtype: ExportDtype, shape: OptShape) -> onnx.ValueInfoProto:
+def _dims(past: bool) -> tuple[str, str]:
+    """(batch, sequence) dim params: the prefill graph's, or optimum's spelling with past."""
+    return (DIM_BATCH, DIM_SEQUENCE) if past else ("batch", "sequence")
+
+
+def _hidden_info(
+    name: str, dtype: ExportDtype, shape: OptShape, past: bool = False
+) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(
-        name, _ONNX_DTYPES[dtype], ["batch", "sequence", shape.hidden_size]
+        name, _ONNX_DTYPES[dtype], [*_dims(past), shape.hidden_size]
     )
 
 
-def _mask_info(dtype: ExportDtype) -> onnx.ValueInfoProto:
+def _mask_info(dtype: ExportDtype, past: bool = False) -> onnx.ValueInfoProto:
+    batch, sequence = _dims(past)
     return helper.make_tensor_value_info(
         names.tensor(names.MASK_MODULE, "output"),
         _ONNX_DTYPES[dtype],
-        ["batch", 1, "sequence", "sequence"],
+        [batch, 1, sequence, DIM_TOTAL if past else sequence],
     )
 
 
-def _token_inputs() -> list[onnx.ValueInfoProto]:
-    return [
-        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
-        for name in (names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK)
+def _token_inputs(past: bool = False) -> list[onnx.ValueInfoProto]:
+    if not past:
+        return [
+            helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
+            for name in PREFILL_INPUTS
+        ]
+    dims = {
+        names.GRAPH_INPUT_IDS: [DIM_BATCH, DIM_SEQUENCE],
+        names.GRAPH_ATTENTION_MASK: [DIM_BATCH, DIM_TOTAL],
+        names.GRAPH_POSITION_IDS: [DIM_BATCH, DIM_SEQUENCE],
+    }
+    return [helper.make_tensor_value_info(n, TensorProto.INT64, d) for n, d in dims.items()]
+
+
+def cache_infos(
+    index: int, dtype: ExportDtype, shape: OptShape
+) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """(past inputs, present outputs) of decoder layer `index`: key then value, float cache."""
+    heads, head_dim = shape.num_heads, shape.head_dim
+    elem = _ONNX_DTYPES[dtype]
+
+    def info(name: str, length: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, elem, [DIM_BATCH, heads, length, head_dim])
+
+    inputs = [info(names.past_key(index), DIM_PAST), info(names.past_value(index), DIM_PAST)]
+    outputs = [
+        info(names.present_key(index), DIM_TOTAL),
+        info(names.present_value(index), DIM_TOTAL),
     ]
+    return inputs, outputs
 
 
-def _logits_info(dtype: ExportDtype, shape: OptShape) -> onnx.ValueInfoProto:
+def _logits_info(dtype: ExportDtype, shape: OptShape, past: bool = False) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(
-        names.GRAPH_LOGITS, _ONNX_DTYPES[dtype], ["batch", "sequence", shape.vocab_size]
+        names.GRAPH_LOGITS, _ONNX_DTYPES[dtype], [*_dims(past), shape.vocab_size]
     )
 
 
@@ -358,8 +461,14 @@ def _model_proto(
     opset: int,
     inputs: list[onnx.ValueInfoProto],
     outputs: list[onnx.ValueInfoProto],
+    kv_cache_dtype: KvCacheDtype | None = None,
 ) -> onnx.ModelProto:
-    """Wrap the builder's nodes in a model with rptq's opset, producer and metadata."""
+    """Wrap the builder's nodes in a model with rptq's opset, producer and metadata.
+
+    `kv_cache_dtype` None: the prefill graph; otherwise the with-past graph, whose metadata
+    says so (`rptq.past`, `rptq.kv_cache_dtype`: what the finished export stores, even though
+    the FP graph's cache is float until the integer-cache pass runs).
+    """
     shape = model.shape
     # filled in place: helper.make_graph + make_model would copy every weight twice
     opsets = [helper.make_opsetid("", opset)]
@@ -370,85 +479,132 @@ def _model_proto(
     )
     proto.opset_import.extend(opsets)
     graph = proto.graph
-    graph.name = f"rptq-{model.name}-prefill"
+    kind = "prefill" if kv_cache_dtype is None else "with-past"
+    graph.name = f"rptq-{model.name}-{kind}"
     graph.node.extend(g.nodes)
     graph.input.extend(inputs)
     graph.output.extend(outputs)
     for i, tensor in enumerate(g.initializers):
         graph.initializer.append(tensor)
         g.initializers[i] = None  # type: ignore[call-overload]  # the copy in `graph` remains
-    helper.set_model_props(
-        proto,
-        {
-            META_VERSION: rptq.__version__,
-            META_DTYPE: dtype,
-            META_NUM_LAYERS: str(shape.num_layers),
-            META_SHAPE: json.dumps(asdict(shape), sort_keys=True),
-            META_CONFIG_HASH: shape.config_hash(),
-        },
-    )
+    props = {
+        META_VERSION: rptq.__version__,
+        META_DTYPE: dtype,
+        META_NUM_LAYERS: str(shape.num_layers),
+        META_SHAPE: json.dumps(asdict(shape), sort_keys=True),
+        META_CONFIG_HASH: shape.config_hash(),
+    }
+    if kv_cache_dtype is not None:
+        props[META_PAST] = "1"
+        props[META_KV_CACHE_DTYPE] = kv_cache_dtype
+    helper.set_model_props(proto, props)
     return proto
 
 
+def _cache_dtype(past: bool, kv_cache_dtype: KvCacheDtype) -> KvCacheDtype | None:
+    if kv_cache_dtype not in get_args(KvCacheDtype):
+        raise ConfigError(f"kv cache dtype {kv_cache_dtype!r} is not one of float, int8, uint8")
+    if not past and kv_cache_dtype != "float":
+        raise ConfigError(
+            f"--kv-cache-dtype {kv_cache_dtype} needs the KV-cache graph; drop --no-cache"
+        )
+    return kv_cache_dtype if past else None
+
+
 def build_fp_graph(
-    model: LoadedModel, dtype: ExportDtype = "float32", opset: int = 21
+    model: LoadedModel,
+    dtype: ExportDtype = "float32",
+    opset: int = 21,
+    past: bool = False,
+    kv_cache_dtype: KvCacheDtype = "float",
 ) -> onnx.ModelProto:
-    """The FP prefill graph of docs/graph.md: input_ids, attention_mask -> logits.
+    """The FP graph of docs/graph.md: prefill (input_ids, attention_mask -> logits), or with
+    `past` the decoder-with-past graph (plus position_ids and the cache in, present out).
 
     float16 makes every float tensor float16, Softmax included (the functional forward runs
     softmax in fp32; ORT and TensorRT accumulate fp16 softmax in fp32 internally, and
-    LayerNormalization uses stash_type=1, i.e. fp32 statistics).
+    LayerNormalization uses stash_type=1, i.e. fp32 statistics). `kv_cache_dtype` is only
+    recorded in the metadata here: the integer cache is made by a pass (rptq.passes.kv_cache).
     """
     _check_args(model, dtype, opset)
+    cache = _cache_dtype(past, kv_cache_dtype)
     shape = model.shape
-    g = _GraphBuilder(dtype)
-    hidden = _embeddings(g, model)
-    mask = _additive_mask(g)
+    inputs, outputs = _token_inputs(past), [_logits_info(dtype, shape, past)]
+    for index in range(shape.num_layers if past else 0):
+        past_infos, present_infos = cache_infos(index, dtype, shape)
+        inputs += past_infos
+        outputs += present_infos
+    g = _GraphBuilder(dtype, tuple(info.name for info in inputs))
+    hidden = _embeddings(g, model, past)
+    mask = _additive_mask(g, past)
     for index in range(shape.num_layers):
         weights = read_layer(model.weights, index, dtype=torch.float32)
-        hidden = _decoder_layer(g, index, hidden, weights, mask, shape)
+        hidden = _decoder_layer(g, index, hidden, weights, mask, shape, past)
         del weights
     _head(g, model, hidden)
-    return _model_proto(g, model, dtype, opset, _token_inputs(), [_logits_info(dtype, shape)])
+    return _model_proto(g, model, dtype, opset, inputs, outputs, cache)
 
 
 # --- fragments: the same graph cut at the residual stream, for the streamed export ------------
 # Each fragment is a valid model whose inputs and outputs carry the whole graph's tensor names,
-# so that joining the fragments' nodes gives back build_fp_graph (rptq.exporter.stream).
+# so that joining the fragments' nodes gives back build_fp_graph (rptq.exporter.stream). With
+# past, each layer fragment also has its layer's cache inputs and present outputs: graph inputs
+# and outputs of the whole graph, which the streamed export collects in build_fp_graph's order.
 
 
 def prologue_fragment(
-    model: LoadedModel, dtype: ExportDtype = "float32", opset: int = 21
+    model: LoadedModel,
+    dtype: ExportDtype = "float32",
+    opset: int = 21,
+    past: bool = False,
+    kv_cache_dtype: KvCacheDtype = "float",
 ) -> onnx.ModelProto:
     """Embeddings and the additive mask: input_ids, attention_mask -> hidden, mask."""
     _check_args(model, dtype, opset)
-    g = _GraphBuilder(dtype)
-    hidden = _embeddings(g, model)
-    _additive_mask(g)
-    outputs = [_hidden_info(hidden, dtype, model.shape), _mask_info(dtype)]
-    return _model_proto(g, model, dtype, opset, _token_inputs(), outputs)
+    cache = _cache_dtype(past, kv_cache_dtype)
+    inputs = _token_inputs(past)
+    g = _GraphBuilder(dtype, tuple(info.name for info in inputs))
+    hidden = _embeddings(g, model, past)
+    _additive_mask(g, past)
+    outputs = [_hidden_info(hidden, dtype, model.shape, past), _mask_info(dtype, past)]
+    return _model_proto(g, model, dtype, opset, inputs, outputs, cache)
 
 
 def layer_fragment(
-    model: LoadedModel, index: int, dtype: ExportDtype = "float32", opset: int = 21
+    model: LoadedModel,
+    index: int,
+    dtype: ExportDtype = "float32",
+    opset: int = 21,
+    past: bool = False,
+    kv_cache_dtype: KvCacheDtype = "float",
 ) -> onnx.ModelProto:
-    """Decoder layer `index` alone: its input hidden state and the mask -> its output."""
+    """Decoder layer `index` alone: its input hidden state and the mask (and its cache) -> its
+    output (and its present)."""
     _check_args(model, dtype, opset)
+    cache = _cache_dtype(past, kv_cache_dtype)
     shape = model.shape
-    mask = _mask_info(dtype)
-    g = _GraphBuilder(dtype, inputs=(layer_input(index), mask.name))
+    mask = _mask_info(dtype, past)
+    inputs = [_hidden_info(layer_input(index), dtype, shape, past), mask]
+    past_infos, present_infos = cache_infos(index, dtype, shape) if past else ([], [])
+    inputs += past_infos
+    g = _GraphBuilder(dtype, inputs=tuple(info.name for info in inputs))
     weights = read_layer(model.weights, index, dtype=torch.float32)
-    hidden = _decoder_layer(g, index, layer_input(index), weights, mask.name, shape)
+    hidden = _decoder_layer(g, index, layer_input(index), weights, mask.name, shape, past)
     del weights
-    inputs = [_hidden_info(layer_input(index), dtype, shape), mask]
-    return _model_proto(g, model, dtype, opset, inputs, [_hidden_info(hidden, dtype, shape)])
+    outputs = [_hidden_info(hidden, dtype, shape, past), *present_infos]
+    return _model_proto(g, model, dtype, opset, inputs, outputs, cache)
 
 
 def head_fragment(
-    model: LoadedModel, dtype: ExportDtype = "float32", opset: int = 21
+    model: LoadedModel,
+    dtype: ExportDtype = "float32",
+    opset: int = 21,
+    past: bool = False,
+    kv_cache_dtype: KvCacheDtype = "float",
 ) -> onnx.ModelProto:
     """Final LayerNorm and LM head: the last layer's output -> logits."""
     _check_args(model, dtype, opset)
+    cache = _cache_dtype(past, kv_cache_dtype)
     shape = model.shape
     hidden = layer_input(shape.num_layers)
     # a tied head reads the prologue's token embedding: an input of this fragment
@@ -459,7 +615,8 @@ def head_fragment(
     )
     g = _GraphBuilder(dtype, inputs=(hidden, table.name))
     _head(g, model, hidden)
-    inputs = [_hidden_info(hidden, dtype, shape)]
+    inputs = [_hidden_info(hidden, dtype, shape, past)]
     if any(table.name in node.input for node in g.nodes):
         inputs.append(table)
-    return _model_proto(g, model, dtype, opset, inputs, [_logits_info(dtype, shape)])
+    outputs = [_logits_info(dtype, shape, past)]
+    return _model_proto(g, model, dtype, opset, inputs, outputs, cache)

@@ -10,6 +10,8 @@ from rptq.errors import ConfigError
 from rptq.plan import Target
 
 ExportDtype = Literal["float32", "float16"]
+# the cache tensors' dtype in the with-past graph: the export dtype, or the plan's K/V codes
+KvCacheDtype = Literal["float", "int8", "uint8"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,10 @@ class ExportOptions:
     `int4_block_size` (64/128, TensorRT only) stores its weights as blocked INT4; the passes
     check those against the plan (rptq.passes.context.PassContext). `external_data` None lets
     the writer choose by size (rptq.exporter.save); `force` overwrites existing outputs.
+
+    `past` writes the decoder-with-past graph (docs/graph.md, "Decoder with past"); the library
+    default stays the prefill graph, so every existing export keeps its bytes. `kv_cache_dtype`
+    int8/uint8 (with `past`, ONNX Runtime target) stores the cache as the plan's K/V codes.
     """
 
     dtype: ExportDtype = "float32"
@@ -28,6 +34,8 @@ class ExportOptions:
     int4_block_size: int = 0
     external_data: bool | None = None
     force: bool = False
+    past: bool = False
+    kv_cache_dtype: KvCacheDtype = "float"
 
     def __post_init__(self) -> None:
         if self.dtype not in get_args(ExportDtype):
@@ -35,3 +43,17 @@ class ExportOptions:
         if self.target not in {t.value for t in Target}:
             raise ConfigError(f"target must be 'ort' or 'trt', got {self.target!r}")
         object.__setattr__(self, "target", Target(self.target))
+        if self.kv_cache_dtype not in get_args(KvCacheDtype):
+            raise ConfigError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is not supported; use float, int8 or uint8"
+            )
+        if self.kv_cache_dtype != "float" and not self.past:
+            raise ConfigError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} needs the KV-cache graph; drop "
+                "--no-cache or use --kv-cache-dtype float"
+            )
+        if self.kv_cache_dtype != "float" and self.target is Target.TRT:
+            raise ConfigError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is for the ONNX Runtime target only "
+                "(TensorRT keeps a float cache); use --kv-cache-dtype float with --target tensorrt"
+            )

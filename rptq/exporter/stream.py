@@ -22,12 +22,13 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 
+from rptq import names
 from rptq.exporter.opt import (
     head_fragment,
     layer_fragment,
     prologue_fragment,
 )
-from rptq.exporter.options import ExportDtype, ExportOptions
+from rptq.exporter.options import ExportOptions
 from rptq.exporter.parts import Part, layout_part, merge_records
 from rptq.exporter.save import OnnxWriter, copy_fields
 from rptq.model.load import LoadedModel
@@ -46,13 +47,23 @@ class StreamedExport:
 
 
 def _fragments(
-    model: LoadedModel, dtype: ExportDtype, opset: int
+    model: LoadedModel, options: ExportOptions
 ) -> Iterator[tuple[int | None, Callable[[], onnx.ModelProto]]]:
     """(layer or None, builder) for each fragment in graph order; built only when called."""
-    yield None, lambda: prologue_fragment(model, dtype, opset)
+    dtype, opset = options.dtype, options.opset
+    past, cache = options.past, options.kv_cache_dtype
+    yield None, lambda: prologue_fragment(model, dtype, opset, past, cache)
     for index in range(model.shape.num_layers):
-        yield index, lambda index=index: layer_fragment(model, index, dtype, opset)  # type: ignore[misc]
-    yield None, lambda: head_fragment(model, dtype, opset)
+        yield (
+            index,
+            lambda index=index: layer_fragment(model, index, dtype, opset, past, cache),  # type: ignore[misc]
+        )
+    yield None, lambda: head_fragment(model, dtype, opset, past, cache)
+
+
+def _is_cache(name: str) -> bool:
+    """A layer fragment's past input or present output: also one of the whole graph's."""
+    return name.startswith((names.PAST_PREFIX, names.PRESENT_PREFIX))
 
 
 def _write_graph(graph: gs.Graph, writer: OnnxWriter) -> Part:
@@ -113,13 +124,17 @@ def export_streamed(
     from rptq.passes.pipeline import transform_graph
 
     options = options or ExportOptions()
-    dtype, opset = options.dtype, options.opset
+    opset = options.opset
     total = model.shape.num_layers + 2
     counts: Counter[str] = Counter()
     docs: list[str] = []
+    # the whole graph's inputs and outputs in build_fp_graph's order: the prologue's inputs,
+    # then each layer's past; logits, then each layer's present
+    graph_inputs: list[onnx.ValueInfoProto] = []
+    cache_outputs: list[onnx.ValueInfoProto] = []
     header = onnx.ModelProto()
     with OnnxWriter(Path(output), options.force, options.external_data) as writer:
-        for done, (layer, build) in enumerate(_fragments(model, dtype, opset), start=1):
+        for done, (layer, build) in enumerate(_fragments(model, options), start=1):
             fragment = build()
             if done == 1:
                 copy_fields(fragment, header, skip=("graph",))
@@ -134,6 +149,7 @@ def export_streamed(
                     target=options.target,
                     opset=opset,
                     int4_block_size=options.int4_block_size,
+                    kv_cache_dtype=options.kv_cache_dtype,
                 )
                 graph, _ = transform_graph(fragment, ctx)
                 export = OnnxExporter.export_value_info_proto
@@ -143,9 +159,14 @@ def export_streamed(
                 part = _write_graph(graph, writer)
                 del graph
             if done == 1:
-                header.graph.input.extend(inputs)
+                graph_inputs.extend(inputs)
+            else:
+                graph_inputs.extend(info for info in inputs if _is_cache(info.name))
+            cache_outputs.extend(info for info in outputs if _is_cache(info.name))
             if done == total:
-                header.graph.output.extend(outputs)
+                header.graph.input.extend(graph_inputs)
+                header.graph.output.extend(info for info in outputs if not _is_cache(info.name))
+                header.graph.output.extend(cache_outputs)
             counts.update(node.op_type for node in part.nodes)
             del fragment, part
             gc.collect()  # onnx-graphsurgeon graphs are cycles (node <-> tensor): free them now

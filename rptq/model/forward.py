@@ -49,6 +49,8 @@ LAYER_TENSORS: tuple[str, ...] = (
 )
 
 LayerWeights = dict[str, torch.Tensor]  # keys: LAYER_TENSORS
+# one layer's cached keys and values, [B, H, P, hd] each (heads split, original channel order)
+LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 
 def _no_tap(act: Act, x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +83,31 @@ def embed(
     return tokens + F.embedding(positions, source.get(EMBED_POSITIONS).to(dtype))
 
 
-def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, T, T] mask: 0 where a query may attend, the dtype's minimum elsewhere."""
+def embed_at(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    source: WeightSource,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Token plus position embeddings at given OPT positions (counted from 0, as optimum feeds
+    them to a with-past graph); `embed` counts them from the mask instead."""
+    tokens = F.embedding(input_ids, source.get(EMBED_TOKENS).to(dtype))
+    positions = position_ids.long() + POSITION_OFFSET
+    return tokens + F.embedding(positions, source.get(EMBED_POSITIONS).to(dtype))
+
+
+def causal_mask(
+    attention_mask: torch.Tensor, dtype: torch.dtype, query_length: int | None = None
+) -> torch.Tensor:
+    """Additive [B, 1, S, T] mask: 0 where a query may attend, the dtype's minimum elsewhere.
+
+    `attention_mask` covers all T keys; the S queries are the last S of them (S = T without a
+    cache), so query i may attend keys up to T - S + i.
+    """
     _, length = attention_mask.shape
-    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    queries = length if query_length is None else query_length
+    causal = torch.ones(queries, length, dtype=torch.bool, device=attention_mask.device)
+    causal = causal.tril(diagonal=length - queries)
     allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
     mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
@@ -98,6 +121,22 @@ def decoder_layer(
     tap: Tap = _no_tap,
 ) -> torch.Tensor:
     """One pre-LN OPT decoder layer; `tap` sees (and may replace) every RPTQ activation."""
+    return decoder_layer_cached(hidden, weights, mask, shape, tap)[0]
+
+
+def decoder_layer_cached(
+    hidden: torch.Tensor,
+    weights: LayerWeights,
+    mask: torch.Tensor,
+    shape: OptShape,
+    tap: Tap = _no_tap,
+    past: LayerCache | None = None,
+) -> tuple[torch.Tensor, LayerCache]:
+    """`decoder_layer` on top of cached keys/values; returns the output and the present cache.
+
+    The cache holds k and v after their taps (fake-quantized when the plan quantizes K/V), so
+    the cached tokens are exactly what a full forward would attend to. `mask` is [B, 1, S, P+S].
+    """
     w = weights
     batch, length, hidden_size = hidden.shape
     heads, head_dim = shape.num_heads, shape.head_dim
@@ -119,10 +158,14 @@ def decoder_layer(
     def split_heads(x: torch.Tensor) -> torch.Tensor:
         return x.view(batch, length, heads, head_dim).transpose(1, 2)
 
-    scores = torch.matmul(split_heads(q), split_heads(k).transpose(-1, -2)) + mask
+    k_heads, v_heads = split_heads(k), split_heads(v)
+    if past is not None:
+        k_heads = torch.cat([past[0].to(k.dtype), k_heads], dim=2)
+        v_heads = torch.cat([past[1].to(v.dtype), v_heads], dim=2)
+    scores = torch.matmul(split_heads(q), k_heads.transpose(-1, -2)) + mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = tap(Act.ATTN_PROBS, probs)
-    o = torch.matmul(probs, split_heads(v)).transpose(1, 2).reshape(batch, length, hidden_size)
+    o = torch.matmul(probs, v_heads).transpose(1, 2).reshape(batch, length, hidden_size)
     o = tap(Act.OUT_PROJ_IN, o)
     hidden = hidden + F.linear(o, w["self_attn.out_proj.weight"], w["self_attn.out_proj.bias"])
 
@@ -132,7 +175,7 @@ def decoder_layer(
     c = tap(Act.FFN_LN_OUT, c)
     r = F.relu(F.linear(c, w["fc1.weight"], w["fc1.bias"]))
     r = tap(Act.FC2_IN, r)
-    return hidden + F.linear(r, w["fc2.weight"], w["fc2.bias"])
+    return hidden + F.linear(r, w["fc2.weight"], w["fc2.bias"]), (k_heads, v_heads)
 
 
 def final_logits(

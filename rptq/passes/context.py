@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, get_args
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
 
 from rptq.errors import ConfigError, GraphPatternError
+from rptq.exporter.options import KvCacheDtype
 from rptq.plan import QuantPlan, ReorderSite, Target
 
 OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
@@ -36,6 +37,9 @@ class PassContext:
     # target "trt" only: 0 stores weights as INT8 per output channel; 64 or 128 as INT4 with
     # that block size along the input dim (TensorRT's weight-only INT4 kernels)
     int4_block_size: int = 0
+    # with-past graphs: "int8"/"uint8" store the cache as the plan's K/V codes
+    # (rptq.passes.kv_cache); "float" (and every prefill graph) leaves the cache float
+    kv_cache_dtype: KvCacheDtype = "float"
 
     def __post_init__(self) -> None:
         if self.target not in {t.value for t in Target}:
@@ -51,6 +55,15 @@ class PassContext:
         if self.opset < OPSET:
             raise ConfigError(
                 f"opset {self.opset} is too old: INT4/INT16 Q/DQ need opset {OPSET} or newer"
+            )
+        if self.kv_cache_dtype not in get_args(KvCacheDtype):
+            raise ConfigError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is not supported; use float, int8 or uint8"
+            )
+        if self.kv_cache_dtype != "float" and self.target is Target.TRT:
+            raise ConfigError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is for the ONNX Runtime target only; "
+                "use --kv-cache-dtype float with --target tensorrt"
             )
         self.plan.check_target(self.target)
 

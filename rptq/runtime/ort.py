@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 
 from rptq import names
 from rptq.errors import ConfigError, MissingDependencyError
+
+if TYPE_CHECKING:  # torch is imported where logits are returned: `generate` starts without it
+    import torch
 
 _PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -92,21 +95,33 @@ def session_options(optimize: bool = True) -> ort.SessionOptions:
 
 
 class OrtLogits:
-    """`(input_ids [B, T], attention_mask [B, T] | None) -> float32 logits [B, T, V]`."""
+    """`(input_ids [B, T], attention_mask [B, T] | None) -> float32 logits [B, T, V]`.
+
+    Takes the prefill graph and the decoder-with-past graph alike: the latter is run as one
+    prefill step over an empty cache (rptq.runtime.decode), so perplexity scores both.
+    """
 
     def __init__(self, session: ort.InferenceSession) -> None:
         """Wrap a session over an rptq graph (inputs input_ids/attention_mask, output logits)."""
+        from rptq.runtime.decode import DecoderSession, is_with_past
+
         self.session = session
+        self._decoder = DecoderSession(session) if is_with_past(session) else None
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Run the graph; the mask defaults to all ones (no padding)."""
+        import torch
+
         ids = input_ids.detach().cpu().numpy().astype(np.int64, copy=False)
         if attention_mask is None:
             mask = np.ones_like(ids)
         else:
             mask = attention_mask.detach().cpu().numpy().astype(np.int64, copy=False)
+        if self._decoder is not None:
+            logits, _ = self._decoder.step(ids, mask, self._decoder.empty_cache(ids.shape[0]))
+            return torch.from_numpy(np.asarray(logits, dtype=np.float32))
         (logits,) = self.session.run(
             [names.GRAPH_LOGITS],
             {names.GRAPH_INPUT_IDS: ids, names.GRAPH_ATTENTION_MASK: mask},
