@@ -164,12 +164,57 @@ def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
     return ExportOptions(args.dtype, args.opset, target, args.int4_block or 0, force=args.force)
 
 
+def _destination(args: argparse.Namespace) -> tuple[Path, bool]:
+    """`-o` checked before any work: (path, True) for the stack folder (`-o DIR/` or an
+    existing directory), else (the .onnx path, False)."""
+    from rptq import stack_folder
+
+    if stack_folder.wants_folder(args.output):
+        folder = stack_folder.folder_path(args.output)
+        stack_folder.check_folder(folder, args.force)
+        return folder, True
+    output = Path(args.output)
+    check_output(output, args.force)
+    if stack_folder.writes_side_files(output):
+        stack_folder.check_side_files(output.parent, args.force)
+    return output, False
+
+
+def _write(
+    model: Any,
+    plan: QuantPlan | None,
+    output: Path,
+    folder: bool,
+    options: ExportOptions,
+    args: argparse.Namespace,
+) -> tuple[Any, list[tuple[Path, int]]]:
+    """Export to `output`: the whole stack folder, or the .onnx file (with the side files
+    beside it when it is named model.onnx). Returns the summary and every file written."""
+    from rptq import stack_folder
+    from rptq.calib_text import optional_data_dir
+    from rptq.workflow import export_onnx
+
+    data_dir = optional_data_dir(getattr(args, "data_dir", None))
+    if folder:
+        return stack_folder.export_folder(model, plan, output, options, data_dir)
+    summary = export_onnx(model, plan, output, options)
+    files = list(summary.files)
+    if stack_folder.writes_side_files(output):
+        side = stack_folder.write_side_files(output.parent, output, model, plan, data_dir)
+        files += [(p, p.stat().st_size) for p in side]
+    return summary, files
+
+
 def _export_summary(
-    summary: Any, plan: QuantPlan | None, target: Target = Target.ORT, plan_where: str | None = None
+    summary: Any,
+    plan: QuantPlan | None,
+    target: Target = Target.ORT,
+    plan_where: str | None = None,
+    files: list[tuple[Path, int]] | None = None,
 ) -> Summary:
     """`plan_where`: the plan directory given, or where a plan calibrated in this run went."""
     return {
-        "files": [f"{path} ({human_bytes(size)})" for path, size in summary.files],
+        "files": [f"{path} ({human_bytes(size)})" for path, size in files or summary.files],
         "bits": summary.label,
         "target": target.cli,
         "QuantizeLinear nodes": summary.op_counts.get("QuantizeLinear", 0),
@@ -182,10 +227,8 @@ def _export_summary(
 def cmd_run(args: argparse.Namespace) -> Summary:
     """`run` (the default command): calibrate, or load --plan, then export."""
     from rptq.model.load import load_model
-    from rptq.workflow import export_onnx
 
-    output = Path(args.output)
-    check_output(output, args.force)
+    output, folder = _destination(args)
     target = _pass_target(args)
     info: Summary = {}
     if args.plan:
@@ -198,17 +241,15 @@ def cmd_run(args: argparse.Namespace) -> Summary:
             "calibrated in this run, kept in memory (not saved: `calibrate -o DIR` saves one)"
         )
     with stage(4, 4, f"exporting {output}"):
-        summary = export_onnx(model, plan, output, _export_options(args, target))
-    return {**_export_summary(summary, plan, target, plan_where), **info}
+        summary, files = _write(model, plan, output, folder, _export_options(args, target), args)
+    return {**_export_summary(summary, plan, target, plan_where, files), **info}
 
 
 def cmd_export(args: argparse.Namespace) -> Summary:
     """`export`: MODEL and an optional --plan to ONNX (FP without a plan)."""
     from rptq.model.load import load_model
-    from rptq.workflow import export_onnx
 
-    output = Path(args.output)
-    check_output(output, args.force)
+    output, folder = _destination(args)
     target = _pass_target(args)
     plan: QuantPlan | None = None
     with stage(1, 2, f"loading {args.model}" + (f" and plan {args.plan}" if args.plan else "")):
@@ -216,8 +257,8 @@ def cmd_export(args: argparse.Namespace) -> Summary:
         if args.plan:
             plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
     with stage(2, 2, f"exporting {output}"):
-        summary = export_onnx(model, plan, output, _export_options(args, target))
-    return _export_summary(summary, plan, target, args.plan)
+        summary, files = _write(model, plan, output, folder, _export_options(args, target), args)
+    return _export_summary(summary, plan, target, args.plan, files)
 
 
 def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
@@ -375,3 +416,10 @@ def cmd_build_engine(args: argparse.Namespace) -> Summary:
         "timing_cache": str(built.timing_cache) if built.timing_cache else "none",
         "build_s": round(built.build_s, 1),
     }
+
+
+def cmd_generate(args: argparse.Namespace) -> Summary:
+    """`generate`: continue a prompt with a with-past graph (rptq.generation)."""
+    from rptq.generation import run_generate
+
+    return run_generate(args)

@@ -1,0 +1,55 @@
+"""A tiny OPT with OPT's vocabulary on disk and its inference-stack folder (with-past graph)."""
+
+from pathlib import Path
+
+import pytest
+
+# prompt token ids (BOS first); with weight_std 0.2 the tiny model's greedy continuation visits
+# about twenty distinct tokens in 32 steps, so a cache bug shows as a different token early
+PROMPT = [2, 100, 200, 300, 400, 500, 600, 700]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="session")
+def gen_model_dir(tmp_path_factory) -> Path:
+    from rptq.tiny import make_tiny_opt
+
+    path = tmp_path_factory.mktemp("gen-models") / "tiny-opt"
+    make_tiny_opt(vocab_size=50272, max_positions=256, weight_std=0.2).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gen_hf_model(gen_model_dir):
+    from transformers import OPTForCausalLM
+
+    return OPTForCausalLM.from_pretrained(gen_model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(gen_hf_model) -> list[int]:
+    """transformers' own greedy continuation of PROMPT (the reference every client matches)."""
+    import torch
+
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        out = gen_hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,  # no stop at eos: fixed-length runs compare token by token
+            do_sample=False,
+        )
+    return out[0, len(PROMPT) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def stack_dir(gen_model_dir, data_dir, tmp_path_factory) -> Path:
+    """`export -o DIR/` of the FP with-past graph, as the CLI writes it."""
+    from rptq.exporter.options import ExportOptions
+    from rptq.model.load import load_model
+    from rptq.stack_folder import export_folder
+
+    folder = tmp_path_factory.mktemp("stack") / "out"
+    export_folder(load_model(str(gen_model_dir)), None, folder, ExportOptions(past=True), data_dir)
+    return folder
