@@ -81,8 +81,7 @@ def read_graph_info(path: Path) -> GraphInfo:
 def special_token_ids(config: Any) -> dict[str, int | None]:
     """bos/eos/pad ids of a transformers config (OPT: 2, 2, 1)."""
     return {
-        key: getattr(config, key, None)
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        key: getattr(config, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")
     }
 
 

@@ -67,7 +67,7 @@ def next_tokens(
         return np.argmax(logits, axis=-1).astype(np.int64)
     probs = nucleus_probabilities(logits, sampling.temperature, sampling.top_p)
     # inverse-CDF draw: one uniform per row, so the stream of draws is fixed by the seed alone
-    draws = rng.random(probs.shape[0])
+    draws: NDArray[np.float64] = np.asarray(rng.random(size=probs.shape[0]), dtype=np.float64)
     cdf = np.cumsum(probs, axis=-1)
     picked = (cdf < draws[:, None]).sum(axis=-1)
     return np.minimum(picked, probs.shape[-1] - 1).astype(np.int64)

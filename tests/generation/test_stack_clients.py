@@ -1,0 +1,138 @@
+"""The output folder loaded unchanged by real inference stacks: optimum's ORTModelForCausalLM
+and onnxruntime-genai's og.Model, each generating transformers' greedy tokens.
+
+Both packages are in the `test` extra; where one cannot be imported the test is skipped with
+the import error, never silently passed.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from rptq.stack_folder import (
+    CONFIG_FILE,
+    GENAI_CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    MODEL_FILE,
+    PLAN_RECORD_FILE,
+)
+from tests.generation.conftest import NEW_TOKENS, PROMPT
+
+
+def test_folder_holds_what_each_stack_reads(stack_dir, gen_hf_model):
+    names = {p.name for p in stack_dir.iterdir()}
+    want = {MODEL_FILE, CONFIG_FILE, GENERATION_CONFIG_FILE, GENAI_CONFIG_FILE, PLAN_RECORD_FILE}
+    assert want | {"tokenizer.json", "tokenizer_config.json"} <= names, names
+    assert not [n for n in names if n.startswith(".")], "a temporary was left in the folder"
+    config = json.loads((stack_dir / CONFIG_FILE).read_text())
+    assert config["model_type"] == "opt"
+    assert config["use_cache"] is True
+    hf = gen_hf_model.config
+    genai = json.loads((stack_dir / GENAI_CONFIG_FILE).read_text())
+    decoder = genai["model"]["decoder"]
+    assert decoder["filename"] == MODEL_FILE
+    assert decoder["num_hidden_layers"] == hf.num_hidden_layers
+    assert (
+        decoder["num_attention_heads"] == decoder["num_key_value_heads"] == hf.num_attention_heads
+    )
+    assert decoder["head_size"] * hf.num_attention_heads == decoder["hidden_size"] == hf.hidden_size
+    assert genai["model"]["context_length"] == hf.max_position_embeddings
+    assert (genai["model"]["bos_token_id"], genai["model"]["eos_token_id"]) == (2, 2)
+    assert genai["model"]["pad_token_id"] == 1
+    assert genai["search"]["past_present_share_buffer"] is False
+    record = json.loads((stack_dir / PLAN_RECORD_FILE).read_text())
+    assert record["bits"] == "FP"
+    assert record["export"]["past"] is True
+
+
+def test_folder_tokenizer_is_opts(stack_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(stack_dir))
+    ids = tokenizer("Hello there")["input_ids"]
+    assert ids[0] == 2
+    assert ids.count(2) == 1
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "Hello there"
+
+
+def _import_optimum():
+    try:
+        from optimum.onnxruntime import ORTModelForCausalLM
+    except Exception as exc:  # ImportError, or transformers' lazy-module error wrapping one
+        pytest.skip(f"optimum.onnxruntime is not importable here ({type(exc).__name__}: {exc})")
+    return ORTModelForCausalLM
+
+
+def test_optimum_loads_the_folder_and_decodes_greedily(stack_dir, hf_greedy):
+    """ORTModelForCausalLM.from_pretrained(folder), then its own forward step by step: it builds
+    the empty past, OPT's position_ids from the mask and feeds `present` back itself."""
+    import torch
+
+    ort_model_class = _import_optimum()
+    model = ort_model_class.from_pretrained(stack_dir)
+    assert model.can_use_cache
+    ids = torch.tensor([PROMPT])
+    mask = torch.ones_like(ids)
+    past, tokens = None, []
+    for _ in range(NEW_TOKENS):
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(ids))
+        past = out.past_key_values
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    assert tokens == hf_greedy
+
+
+def test_optimum_generate(stack_dir, hf_greedy):
+    """optimum's generate() goes through transformers' GenerationMixin. optimum-onnx's releases
+    (0.1.0: transformers < 4.58) predate transformers 5's renamed generation inputs; where that
+    mismatch stops generate() before our graph runs, the test says so and skips."""
+    import torch
+
+    ort_model_class = _import_optimum()
+    model = ort_model_class.from_pretrained(stack_dir)
+    ids = torch.tensor([PROMPT])
+    try:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+    except (AttributeError, ValueError) as exc:
+        import transformers
+
+        pytest.skip(
+            f"optimum's ORTModelForCausalLM.generate does not run with transformers "
+            f"{transformers.__version__} ({type(exc).__name__}: {exc}); its forward is tested above"
+        )
+    assert out[0, len(PROMPT) :].tolist() == hf_greedy
+
+
+def test_onnxruntime_genai_loads_the_folder_and_generates_greedily(stack_dir, hf_greedy):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    model = og.Model(str(stack_dir))
+    params = og.GeneratorParams(model)
+    total = len(PROMPT) + NEW_TOKENS
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([PROMPT], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert [int(t) for t in generator.get_sequence(0)][len(PROMPT) :] == hf_greedy
+
+
+def test_prefill_only_folder_has_no_genai_config(gen_model_dir, data_dir, tmp_path):
+    """Without a cache no stack can generate with the graph: the folder says so by omission."""
+    from rptq.exporter.options import ExportOptions
+    from rptq.model.load import load_model
+    from rptq.stack_folder import export_folder
+
+    folder = tmp_path / "prefill"
+    export_folder(load_model(str(gen_model_dir)), None, folder, ExportOptions(), data_dir)
+    assert (folder / MODEL_FILE).is_file()
+    assert (folder / CONFIG_FILE).is_file()
+    assert not (folder / GENAI_CONFIG_FILE).exists()
+    assert json.loads((folder / CONFIG_FILE).read_text())["use_cache"] is False
