@@ -91,9 +91,11 @@ def quantized_graph(
     from rptq.exporter.opt import build_fp_graph
     from rptq.exporter.parts import canonical_model
     from rptq.passes.context import PassContext
+    from rptq.passes.kv_cache import check_cache_plan
     from rptq.passes.pipeline import run_passes
 
     ExportOptions(dtype, opset, target, int4_block_size, past=past, kv_cache_dtype=kv_cache_dtype)
+    check_cache_plan(plan, kv_cache_dtype, model.shape.num_layers)
     graph = build_fp_graph(model, dtype, opset, past, kv_cache_dtype)
     if plan is not None:
         ctx = PassContext(

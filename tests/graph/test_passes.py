@@ -122,6 +122,7 @@ def test_pass_order_and_names():
     assert [p.__name__ for p in PASSES] == [
         "fold_reorder",
         "insert_act_qdq",
+        "quantize_kv_cache",
         "quantize_weights",
         "binary_weights",
         "lowrank_branches",
