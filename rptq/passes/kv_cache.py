@@ -157,7 +157,10 @@ def _prepare(
     bounds = (qmin + shift, qmax + shift)
     clip = None
     if bounds != (np.iinfo(container).min, np.iinfo(container).max):
-        clip = (np.array(bounds[0], container), np.array(bounds[1], container))
+        # ORT's CPU Clip has no int16 kernel (it would expand Clip into a Where, which has
+        # none either): int16 codes are clipped as int32
+        clip_type = np.int32 if container == np.int16 else container
+        clip = (np.array(bounds[0], clip_type), np.array(bounds[1], clip_type))
     dtype = graph_float_dtype(index.graph)
     head_dim = width // heads
     scale_values = np.asarray(scale.values, dtype=np.float32).reshape(heads, 1, head_dim)
@@ -192,6 +195,18 @@ def _apply(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: np.dty
         )
     )
     if edit.clip is not None:
+        if edit.clip[0].dtype != codes.dtype:
+            widened = gs.Variable(n["widened"], dtype=edit.clip[0].dtype, shape=shape)
+            graph.nodes.append(
+                gs.Node(
+                    "Cast",
+                    name=n["widen_node"],
+                    attrs={"to": _onnx_type(edit.clip[0].dtype)},
+                    inputs=[codes],
+                    outputs=[widened],
+                )
+            )
+            codes = widened
         clipped = gs.Variable(n["clipped"], dtype=codes.dtype, shape=shape)
         low = gs.Constant(n["clip_min"], edit.clip[0])
         high = gs.Constant(n["clip_max"], edit.clip[1])
