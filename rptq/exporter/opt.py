@@ -23,11 +23,12 @@ from onnx import TensorProto, helper, numpy_helper
 import rptq
 from rptq import names
 from rptq.errors import ConfigError
-from rptq.exporter.options import ExportDtype, KvCacheDtype
+from rptq.exporter.options import ExportDtype
 from rptq.model.forward import LN_EPS, POSITION_OFFSET, LayerWeights, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.shape import OptShape
 from rptq.model.weights import EMBED_POSITIONS, EMBED_TOKENS, FINAL_LN, LM_HEAD
+from rptq.plan import KvCacheDtype
 from rptq.points import Act
 
 MIN_OPSET, MAX_OPSET = 21, 25  # Q/DQ with INT4/INT16 needs 21; TensorRT 11 parses up to 25
