@@ -74,10 +74,12 @@ def kv_cache(act_name: str) -> dict[str, str]:
     """Names of the integer KV cache written for activation `act_name` (k or v of a layer).
 
     `<act>/cache/QuantizeLinear` makes the new tokens' codes (zero point
-    `<act>/cache/quantize_zero_point` in the cache's container), `Clip` keeps them on the
-    plan's grid, the Reshape/Transpose/Concat of the float graph then carry codes, and after
-    the Concat `Cast -> Sub(<act>/cache/zero_point) -> Mul(<act>/cache/scale)` dequantizes
-    the whole cache. `scale` and `zero_point` are float [H, 1, hd] (cache layout) for clients.
+    `<act>/cache/quantize_zero_point` in the cache's container, or int16 when the zero point
+    lies outside it: then `widen/Cast` to int32 and `narrow/Cast` to the cache type), `Clip`
+    keeps them on the plan's grid, the Reshape/Transpose/Concat of the float graph then carry
+    codes, and after the Concat `Cast -> Sub(<act>/cache/zero_point) -> Mul(<act>/cache/scale)`
+    dequantizes the whole cache. `scale` and `zero_point` are float [H, 1, hd] (cache layout),
+    for clients too.
     """
     return {
         "quantize": f"{act_name}/cache/QuantizeLinear",
@@ -87,6 +89,8 @@ def kv_cache(act_name: str) -> dict[str, str]:
         "clip_min": f"{act_name}/cache/clip_min",
         "clip_max": f"{act_name}/cache/clip_max",
         "clipped": f"{act_name}/cache/clipped",
+        "widen_node": f"{act_name}/cache/widen/Cast",
+        "widened": f"{act_name}/cache/widened",
         "cast_node": f"{act_name}/cache/Cast",
         "cast_codes": f"{act_name}/cache/wide_codes",
         "narrow_node": f"{act_name}/cache/narrow/Cast",

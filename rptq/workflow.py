@@ -15,10 +15,10 @@ import onnx
 import torch
 
 from rptq.calib.runner import calibrate
-from rptq.exporter.options import ExportDtype, ExportOptions, KvCacheDtype
+from rptq.exporter.options import ExportDtype, ExportOptions
 from rptq.log import Progress
 from rptq.model.load import LoadedModel
-from rptq.plan import QuantPlan, Recipe, Target
+from rptq.plan import KvCacheDtype, QuantPlan, Recipe, Target
 from rptq.runtime.perplexity import PerplexityResult, perplexity
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,11 @@ def quantized_graph(
     from rptq.exporter.opt import build_fp_graph
     from rptq.exporter.parts import canonical_model
     from rptq.passes.context import PassContext
+    from rptq.passes.kv_cache import check_cache_plan
     from rptq.passes.pipeline import run_passes
 
     ExportOptions(dtype, opset, target, int4_block_size, past=past, kv_cache_dtype=kv_cache_dtype)
+    check_cache_plan(plan, kv_cache_dtype, model.shape.num_layers)
     graph = build_fp_graph(model, dtype, opset, past, kv_cache_dtype)
     if plan is not None:
         ctx = PassContext(

@@ -121,9 +121,11 @@ def export_streamed(
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     from rptq.passes.context import PassContext
+    from rptq.passes.kv_cache import check_cache_plan
     from rptq.passes.pipeline import transform_graph
 
     options = options or ExportOptions()
+    check_cache_plan(plan, options.kv_cache_dtype, model.shape.num_layers)
     opset = options.opset
     total = model.shape.num_layers + 2
     counts: Counter[str] = Counter()

@@ -19,6 +19,7 @@ from rptq.passes.context import Pass, PassContext, PassResult
 from rptq.passes.fold_reorder import fold_reorder
 from rptq.passes.graph_ops import wrap_packed_constants
 from rptq.passes.insert_qdq import insert_act_qdq
+from rptq.passes.kv_cache import quantize_kv_cache
 from rptq.passes.lowrank import lowrank_branches
 from rptq.passes.quantize_weights import quantize_weights
 from rptq.passes.tensorrt.fold import trt_fold
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 PASSES: tuple[Pass, ...] = (
     fold_reorder,
     insert_act_qdq,
+    quantize_kv_cache,  # a no-op unless a with-past graph stores an integer cache
     quantize_weights,
     binary_weights,
     lowrank_branches,

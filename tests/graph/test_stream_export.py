@@ -33,6 +33,10 @@ CASES = [
     ("fp", "ort", "float32"),
     ("fp-past", "ort", "float32"),
     ("fp-past", "ort", "float16"),
+    ("w4a4-past", "ort", "float32"),
+    ("w4a4-past-int8", "ort", "float16"),
+    ("w4a4kv-past-uint8", "ort", "float32"),
+    ("w4a4-past", "trt", "float16"),
     ("w4a4", "ort", "float32"),
     ("w4a4", "ort", "float16"),
     ("w4a4", "trt", "float32"),
@@ -45,8 +49,9 @@ CASES = [
 def test_streamed_export_is_byte_identical(
     tiny_loaded, calibrate_tiny, tmp_path, recipe, target, dtype, external
 ):
-    past = recipe.endswith("-past")
-    recipe = recipe.removesuffix("-past")
+    recipe, *cache = recipe.split("-")
+    past = bool(cache)
+    kv_cache_dtype = cache[1] if len(cache) > 1 else "float"
     plan = {
         "fp": None,
         "w4a4": calibrate_tiny(wbits=4, abits=4, **RECIPE),
@@ -54,13 +59,17 @@ def test_streamed_export_is_byte_identical(
     }[recipe]
     (tmp_path / "whole").mkdir()
     (tmp_path / "streamed").mkdir()
-    whole = quantized_graph(tiny_loaded, plan, dtype=dtype, target=target, past=past)
+    whole = quantized_graph(
+        tiny_loaded, plan, dtype=dtype, target=target, past=past, kv_cache_dtype=kv_cache_dtype
+    )
     expected = save_onnx(whole, tmp_path / "whole" / "m.onnx", external_data=external)
     got = export_streamed(
         tiny_loaded,
         plan,
         tmp_path / "streamed" / "m.onnx",
-        ExportOptions(dtype, target=target, external_data=external, past=past),
+        ExportOptions(
+            dtype, target=target, external_data=external, past=past, kv_cache_dtype=kv_cache_dtype
+        ),
     ).files
     assert [p.name for p in got] == [p.name for p in expected]
     assert len(got) == (2 if external else 1)
