@@ -27,6 +27,8 @@ GENAI_CONFIG_FILE = "genai_config.json"
 PLAN_RECORD_FILE = "rptq_plan.json"
 SIDE_FILES = (CONFIG_FILE, GENERATION_CONFIG_FILE, GENAI_CONFIG_FILE, PLAN_RECORD_FILE)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
+ACCURACY_LEVEL = "1"
 
 
 def wants_folder(raw_output: str) -> bool:
@@ -103,7 +105,14 @@ def genai_config(
             "bos_token_id": tokens["bos_token_id"],
             "context_length": context,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": [],
+                    # genai passes string entries on as session config entries: keep the fused
+                    # MatMulNBits at fp32 activations, the graph's arithmetic (rptq.runtime.ort
+                    # session_options says why); its default, level 4, quantizes them to int8
+                    ACCURACY_LEVEL_KEY: ACCURACY_LEVEL,
+                },
                 "filename": filename,
                 "head_size": info.head_size,
                 "hidden_size": shape["hidden_size"],

@@ -53,3 +53,39 @@ def stack_dir(gen_model_dir, data_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("stack") / "out"
     export_folder(load_model(str(gen_model_dir)), None, folder, ExportOptions(past=True), data_dir)
     return folder
+
+
+@pytest.fixture(scope="session")
+def kv_plan(gen_model_dir):
+    """A W4A4KV plan of the tiny model (K/V at 4 bits: what the integer cache stores)."""
+    import torch
+
+    from rptq.calib.runner import calibrate
+    from rptq.model.load import load_model
+    from rptq.plan import Recipe
+
+    windows = torch.randint(3, 50272, (8, 64), generator=torch.Generator().manual_seed(1))
+    recipe = Recipe(
+        wbits=4,
+        abits=4,
+        only_quant_kv=True,
+        nsamples=8,
+        seq_len=64,
+        calib_dataset="random",
+        act_metric="ema_minmax",
+        clusters={"R1": 8, "R2": 4, "R3": 4, "R4": 8, "R5": 16},
+    )
+    return calibrate(load_model(str(gen_model_dir)), windows, recipe)
+
+
+@pytest.fixture(scope="session")
+def int8_stack_dir(gen_model_dir, kv_plan, data_dir, tmp_path_factory) -> Path:
+    """The W4A4KV with-past graph with an int8 cache (the plan's K/V codes), as a folder."""
+    from rptq.exporter.options import ExportOptions
+    from rptq.model.load import load_model
+    from rptq.stack_folder import export_folder
+
+    folder = tmp_path_factory.mktemp("stack-int8") / "out"
+    options = ExportOptions(past=True, kv_cache_dtype="int8")
+    export_folder(load_model(str(gen_model_dir)), kv_plan, folder, options, data_dir)
+    return folder

@@ -64,13 +64,14 @@ def _import_optimum():
     return ORTModelForCausalLM
 
 
-def test_optimum_loads_the_folder_and_decodes_greedily(stack_dir, hf_greedy):
+def optimum_greedy(folder, **kwargs) -> list[int]:
     """ORTModelForCausalLM.from_pretrained(folder), then its own forward step by step: it builds
-    the empty past, OPT's position_ids from the mask and feeds `present` back itself."""
+    the empty past (in the graph's cache type), OPT's position_ids from the mask and feeds
+    `present` back itself."""
     import torch
 
     ort_model_class = _import_optimum()
-    model = ort_model_class.from_pretrained(stack_dir)
+    model = ort_model_class.from_pretrained(folder, **kwargs)
     assert model.can_use_cache
     ids = torch.tensor([PROMPT])
     mask = torch.ones_like(ids)
@@ -81,7 +82,11 @@ def test_optimum_loads_the_folder_and_decodes_greedily(stack_dir, hf_greedy):
         tokens.append(int(ids))
         past = out.past_key_values
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-    assert tokens == hf_greedy
+    return tokens
+
+
+def test_optimum_loads_the_folder_and_decodes_greedily(stack_dir, hf_greedy):
+    assert optimum_greedy(stack_dir) == hf_greedy
 
 
 def test_optimum_generate(stack_dir, hf_greedy):
@@ -111,9 +116,9 @@ def test_optimum_generate(stack_dir, hf_greedy):
     assert out[0, len(PROMPT) :].tolist() == hf_greedy
 
 
-def test_onnxruntime_genai_loads_the_folder_and_generates_greedily(stack_dir, hf_greedy):
+def genai_greedy(folder) -> list[int]:
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    model = og.Model(str(stack_dir))
+    model = og.Model(str(folder))
     params = og.GeneratorParams(model)
     total = len(PROMPT) + NEW_TOKENS
     params.set_search_options(max_length=total, min_length=total, do_sample=False)
@@ -121,7 +126,53 @@ def test_onnxruntime_genai_loads_the_folder_and_generates_greedily(stack_dir, hf
     generator.append_tokens(np.array([PROMPT], dtype=np.int32))
     while not generator.is_done():
         generator.generate_next_token()
-    assert [int(t) for t in generator.get_sequence(0)][len(PROMPT) :] == hf_greedy
+    return [int(t) for t in generator.get_sequence(0)][len(PROMPT) :]
+
+
+def test_onnxruntime_genai_loads_the_folder_and_generates_greedily(stack_dir, hf_greedy):
+    assert genai_greedy(stack_dir) == hf_greedy
+
+
+@pytest.fixture(scope="module")
+def int8_greedy(int8_stack_dir) -> list[int]:
+    """rptq's own loop on the int8-cache graph: the tokens both stacks must reproduce."""
+    from rptq.runtime.decode import DecoderSession, greedy
+    from rptq.runtime.ort import make_session
+
+    decoder = DecoderSession(make_session(int8_stack_dir / MODEL_FILE))
+    return greedy(decoder, np.array([PROMPT]), None, NEW_TOKENS)[0].tolist()
+
+
+def test_int8_cache_folder(int8_stack_dir, stack_dir):
+    from rptq.runtime.decode import DecoderSession
+    from rptq.runtime.ort import make_session
+    from rptq.stack_folder import ACCURACY_LEVEL, ACCURACY_LEVEL_KEY
+
+    int8 = DecoderSession(make_session(int8_stack_dir / MODEL_FILE))
+    fp32 = DecoderSession(make_session(stack_dir / MODEL_FILE))
+    assert int8.cache_dtype == np.int8
+    assert 4 * int8.cache_bytes_per_token == fp32.cache_bytes_per_token
+    genai = json.loads((int8_stack_dir / GENAI_CONFIG_FILE).read_text())
+    assert genai["model"]["decoder"]["session_options"][ACCURACY_LEVEL_KEY] == ACCURACY_LEVEL
+    record = json.loads((int8_stack_dir / PLAN_RECORD_FILE).read_text())
+    assert record["export"]["kv_cache_dtype"] == "int8" and record["recipe"]["only_quant_kv"]
+
+
+def test_optimum_runs_the_int8_cache(int8_stack_dir, int8_greedy):
+    """optimum makes its empty past as float zeros and casts it to the input's declared type;
+    with rptq's session options (MatMulNBits at fp32 activations) it computes the graph's
+    arithmetic, so its tokens are rptq's."""
+    from rptq.runtime.ort import session_options
+
+    tokens = optimum_greedy(int8_stack_dir, session_options=session_options())
+    assert tokens == int8_greedy
+    assert len(set(int8_greedy)) >= 8
+
+
+def test_onnxruntime_genai_runs_the_int8_cache(int8_stack_dir, int8_greedy):
+    """genai sizes and types the cache from the graph's inputs; genai_config.json's session
+    options keep MatMulNBits at fp32 activations, so its tokens are rptq's."""
+    assert genai_greedy(int8_stack_dir) == int8_greedy
 
 
 def test_prefill_only_folder_has_no_genai_config(gen_model_dir, data_dir, tmp_path):
