@@ -155,7 +155,8 @@ def test_int8_cache_folder(int8_stack_dir, stack_dir):
     genai = json.loads((int8_stack_dir / GENAI_CONFIG_FILE).read_text())
     assert genai["model"]["decoder"]["session_options"][ACCURACY_LEVEL_KEY] == ACCURACY_LEVEL
     record = json.loads((int8_stack_dir / PLAN_RECORD_FILE).read_text())
-    assert record["export"]["kv_cache_dtype"] == "int8" and record["recipe"]["only_quant_kv"]
+    assert record["export"]["kv_cache_dtype"] == "int8"
+    assert record["recipe"]["only_quant_kv"]
 
 
 def test_optimum_runs_the_int8_cache(int8_stack_dir, int8_greedy):
