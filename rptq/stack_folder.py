@@ -32,8 +32,14 @@ ACCURACY_LEVEL = "1"
 
 
 def wants_folder(raw_output: str) -> bool:
-    """`-o DIR/` (a trailing separator) or an existing directory asks for the stack folder."""
-    return raw_output.endswith(("/", os.sep)) or Path(raw_output).is_dir()
+    """`-o DIR/` (a trailing separator) or an existing directory asks for the stack folder.
+
+    A path ending in `.onnx` stays a file path even when a directory has that name: writing a
+    model over it is then the `could not write ... (Is a directory)` error, as before folders.
+    """
+    if raw_output.endswith(("/", os.sep)):
+        return True
+    return Path(raw_output).suffix != ".onnx" and Path(raw_output).is_dir()
 
 
 def writes_side_files(output: Path) -> bool:
