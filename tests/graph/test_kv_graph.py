@@ -15,7 +15,7 @@ from rptq.exporter.opt import META_KV_CACHE_DTYPE, META_PAST
 from rptq.exporter.options import ExportOptions
 from rptq.runtime.decode import DecoderSession, greedy, is_with_past, position_ids
 from rptq.runtime.ort import OrtLogits, make_session
-from tests.tolerances import INCREMENTAL_FP32_ATOL, INCREMENTAL_FP32_RTOL
+from tests.tolerances import INCREMENTAL_FP16_ATOL, INCREMENTAL_FP32_ATOL, INCREMENTAL_FP32_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,19 @@ def test_incremental_equals_prefill_fp32(past_graph, fp32_graph, padded_batch, o
     got = incremental_logits(decoder, ids, mask, prefix)
     assert got.shape == full.shape
     assert_close_on_tokens(got, full, mask)
+
+
+def test_incremental_equals_prefill_fp16(tiny_loaded, fp16_graph, padded_batch):
+    ids, mask = padded_batch
+    decoder = DecoderSession(make_session(build_fp_graph(tiny_loaded, "float16", past=True)))
+    assert decoder.cache_dtype == np.float16
+    full = make_session(fp16_graph).run(
+        None, {names.GRAPH_INPUT_IDS: ids, names.GRAPH_ATTENTION_MASK: mask}
+    )[0]
+    got = incremental_logits(decoder, ids, mask, prefix=3)
+    real = mask.astype(bool)
+    diff = np.abs(got[real].astype(np.float32) - full[real].astype(np.float32)).max()
+    assert diff <= INCREMENTAL_FP16_ATOL, diff
 
 
 def test_position_ids_off_by_one_fails(past_graph, fp32_graph, padded_batch):
