@@ -165,3 +165,33 @@ def test_unwritable_output_folder(model_dir, tmp_path, capsys, monkeypatch):
     assert code == 1
     assert err == f"error: output directory {locked} is not writable; choose another -o path"
     assert list(locked.iterdir()) == []
+
+
+def test_int8_cache_folder_through_the_cli(model_dir, plan_dir, data_dir, tmp_path, capsys):
+    """`export --plan W4A4 --kv-cache-dtype int8 -o DIR/`, then `generate DIR/`: the cache is
+    the plan's int8 codes, a quarter of the fp32 cache per token."""
+    folder = tmp_path / "out"
+    run_json(
+        [
+            "export",
+            str(model_dir),
+            "--plan",
+            str(plan_dir),
+            "--kv-cache-dtype",
+            "int8",
+            "-o",
+            f"{folder}/",
+            "--data-dir",
+            str(data_dir),
+        ],
+        capsys,
+    )
+    assert (folder / "genai_config.json").is_file()
+    summary = run_json(
+        ["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "6"], capsys
+    )
+    assert summary["cache dtype"] == "int8"
+    assert summary["cache bytes/token"] == 2 * 2 * 64  # K and V, 2 layers, hidden 64, 1 byte
+    record = json.loads((folder / "rptq_plan.json").read_text())
+    assert record["export"]["kv_cache_dtype"] == "int8"
+    assert record["bits"] != "FP"
