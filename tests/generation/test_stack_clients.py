@@ -17,7 +17,7 @@ from rptq.stack_folder import (
     MODEL_FILE,
     PLAN_RECORD_FILE,
 )
-from tests.generation.conftest import NEW_TOKENS, PROMPT
+from tests.generation.conftest import NEW_TOKENS, PROMPT, assert_decidable
 
 
 def test_folder_holds_what_each_stack_reads(stack_dir, gen_hf_model):
@@ -140,7 +140,18 @@ def int8_greedy(int8_stack_dir) -> list[int]:
     from rptq.runtime.ort import make_session
 
     decoder = DecoderSession(make_session(int8_stack_dir / MODEL_FILE))
-    return greedy(decoder, np.array([PROMPT]), None, NEW_TOKENS)[0].tolist()
+    ids, mask = np.array([PROMPT]), np.ones((1, len(PROMPT)), np.int64)
+    cache, tokens, step_logits = decoder.empty_cache(1), [], []
+    for _ in range(NEW_TOKENS):
+        logits, cache = decoder.step(ids, mask, cache)
+        step_logits.append(logits[0, -1])
+        ids = logits[:, -1:].argmax(-1).astype(np.int64)
+        tokens.append(int(ids[0, 0]))
+        mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
+    # the stacks run the same graph with the same options: only thread scheduling may differ
+    assert_decidable(step_logits)
+    assert tokens == greedy(decoder, np.array([PROMPT]), None, NEW_TOKENS)[0].tolist()
+    return tokens
 
 
 def test_int8_cache_folder(int8_stack_dir, stack_dir):
