@@ -134,6 +134,7 @@ def export_streamed(
                     target=options.target,
                     opset=opset,
                     int4_block_size=options.int4_block_size,
+                    trt_weight_groups=options.trt_weight_groups,
                 )
                 graph, _ = transform_graph(fragment, ctx)
                 export = OnnxExporter.export_value_info_proto

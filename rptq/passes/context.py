@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from rptq.errors import ConfigError, GraphPatternError
 from rptq.plan import QuantPlan, ReorderSite, Target
+from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 
 OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
 INT4_BLOCK_SIZES = (64, 128)  # TensorRT's INT4 weight blocks (docs/tensorrt-rules.md)
@@ -36,6 +37,9 @@ class PassContext:
     # target "trt" only: 0 stores weights as INT8 per output channel; 64 or 128 as INT4 with
     # that block size along the input dim (TensorRT's weight-only INT4 kernels)
     int4_block_size: int = 0
+    # target "trt" only: scale groups of a weight re-quantized with a folded activation scale
+    # (rptq.quant.trt_weights.scale_groups: one GEMM per group; 1 = one scale per output row)
+    trt_weight_groups: int = DEFAULT_WEIGHT_GROUPS
 
     def __post_init__(self) -> None:
         if self.target not in {t.value for t in Target}:
@@ -48,6 +52,8 @@ class PassContext:
                 f"--int4-block {self.int4_block_size} needs --target tensorrt and a block size "
                 f"of {' or '.join(map(str, INT4_BLOCK_SIZES))}"
             )
+        if self.trt_weight_groups < 1:
+            raise ConfigError(f"--trt-weight-groups must be >= 1, got {self.trt_weight_groups}")
         if self.opset < OPSET:
             raise ConfigError(
                 f"opset {self.opset} is too old: INT4/INT16 Q/DQ need opset {OPSET} or newer"

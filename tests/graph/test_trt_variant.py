@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -25,6 +26,7 @@ from rptq.passes.tensorrt.fold import trt_fold
 from rptq.passes.tensorrt.qdq import trt_insert_qdq
 from rptq.plan import WeightMethod
 from rptq.points import LAYERNORM_SITE, LINEARS, Act
+from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS, scale_groups
 from rptq.workflow import quantized_graph
 
 RECIPES = {
@@ -51,8 +53,24 @@ NODES_PER_ACT: dict[Act, Counter] = {
 }
 
 
+WEIGHT_DQ = re.compile(r"/weight/(group\d+/)?DequantizeLinear$")
+
+
 def trt_graph(loaded, plan, **options) -> onnx.ModelProto:
     return quantized_graph(loaded, plan, target="trt", **options)
+
+
+def weight_parts(plan, layer: int, linear: str) -> int:
+    """GEMMs of a quantized linear: one per scale group of its folded input scale (spec,
+    "Weights in the folded domain"), one when nothing folds into its input."""
+    in_scale = plan.folded_input_scale(layer, linear)
+    if in_scale is None:
+        return 1
+    return int(scale_groups(in_scale, DEFAULT_WEIGHT_GROUPS).max()) + 1
+
+
+def all_weight_parts(plan, num_layers: int) -> list[int]:
+    return [weight_parts(plan, layer, lin) for layer in range(num_layers) for lin in LINEARS]
 
 
 def op_counts(model: onnx.ModelProto) -> Counter:
@@ -72,9 +90,10 @@ def test_every_variant_passes_the_tensorrt_checker(label, dtype, tiny_loaded, ca
 
 def test_int4_blocked_variant_passes_the_checker(tiny_loaded, calibrate_tiny):
     for label in ("W4A4", "W4A16"):
-        graph = trt_graph(tiny_loaded, calibrate_tiny(**RECIPES[label]), int4_block_size=64)
-        weights = [n for n in graph.graph.node if n.name.endswith("/weight/DequantizeLinear")]
-        assert len(weights) == 6 * tiny_loaded.shape.num_layers
+        plan = calibrate_tiny(**RECIPES[label])
+        graph = trt_graph(tiny_loaded, plan, int4_block_size=64)
+        weights = [n for n in graph.graph.node if WEIGHT_DQ.search(n.name)]
+        assert len(weights) == sum(all_weight_parts(plan, tiny_loaded.shape.num_layers))
         assert all({a.name: a.i for a in n.attribute}["block_size"] == 64 for n in weights)
         assert errors(check_model(graph, "trt")) == []
 
@@ -88,7 +107,8 @@ def test_op_counts_follow_the_spec_table(label, tiny_loaded, calibrate_tiny):
         expected += NODES_PER_ACT[quant.act] + Counter(QuantizeLinear=1, DequantizeLinear=1)
         expected += Counter(Clip=1) if quant.bits < 8 else Counter()
     if plan.recipe.wbits < 16:
-        expected += Counter(DequantizeLinear=len(LINEARS) * tiny_loaded.shape.num_layers)
+        for parts in all_weight_parts(plan, tiny_loaded.shape.num_layers):
+            expected += Counter(DequantizeLinear=parts, MatMul=parts - 1, Add=parts - 1)
     # fold_reorder gathers each reordered LayerNorm's input (R1, R4)
     expected += Counter(Gather=sum(s.point in LAYERNORM_SITE.values() for s in plan.sites))
     assert added == expected
@@ -104,7 +124,7 @@ def test_qdq_are_per_tensor_int8_with_zero_points_zero(label, tiny_loaded, calib
         zero = inits[node.input[2]]
         assert zero.dtype == np.int8, node.name
         assert not zero.any(), node.name
-        if not node.name.endswith("/weight/DequantizeLinear"):
+        if not WEIGHT_DQ.search(node.name):
             assert inits[node.input[1]].shape == (), node.name  # per-tensor activation scale
     assert not {"Max", "Min"} & set(op_counts(graph))  # no per-channel clamps left
 
@@ -134,6 +154,7 @@ def test_every_added_name_comes_from_names(tiny_loaded, calibrate_tiny):
             module = names.module(layer, linear)
             known |= set(names.quantized_weight(module).values())
             known |= set(names.weight_zero_correction(module).values())
+            known |= set(names.weight_groups(module, weight_parts(plan, layer, linear)).values())
     before = {n.name for n in fp.graph.node} | {t.name for t in fp.graph.initializer}
     before |= {out for n in fp.graph.node for out in n.output}
     after = {n.name for n in graph.graph.node} | {t.name for t in graph.graph.initializer}
@@ -186,18 +207,37 @@ def test_int4_weights_need_four_bits(tiny_loaded, calibrate_tiny):
 
 
 def test_weight_dequantize_feeds_the_matmul(tiny_loaded, calibrate_tiny):
-    """DequantizeLinear(weight) -> MatMul, the pattern TensorRT fuses into its GEMMs."""
-    graph = trt_graph(tiny_loaded, calibrate_tiny(**RECIPES["W4A4"]))
+    """DequantizeLinear(weight) -> MatMul, the pattern TensorRT fuses into its GEMMs: for
+    each scale group of a folded weight, all on the same INT8 activation DequantizeLinear."""
+    plan = calibrate_tiny(**RECIPES["W4A4"])
+    graph = trt_graph(tiny_loaded, plan)
     consumers = {inp: node for node in graph.graph.node for inp in node.input}
+    producers = {o: n for n in graph.graph.node for o in n.output}
     for layer in range(tiny_loaded.shape.num_layers):
         for linear in LINEARS:
-            out = names.quantized_weight(names.module(layer, linear))["output"]
-            assert consumers[out].op_type == "MatMul"
-            matmul = consumers[out]
-            producer = {o: n for n in graph.graph.node for o in n.output}[matmul.input[0]]
-            assert producer.op_type == "DequantizeLinear"  # INT8 activation on the other side
+            module = names.module(layer, linear)
+            parts = weight_parts(plan, layer, linear)
+            assert parts == 2  # every input has clusters of >= 2 scales on this model
+            group = names.weight_groups(module, parts)
+            inputs = set()
+            for g in range(parts):
+                matmul = consumers[group[f"plane{g}_dequantized"]]
+                assert matmul.op_type == "MatMul"
+                inputs.add(matmul.input[0])
+            assert len(inputs) == 1  # one activation Q/DQ feeds every group's GEMM
+            assert producers[inputs.pop()].op_type == "DequantizeLinear"
     types = {t.name: t.data_type for t in graph.graph.initializer}
-    assert types[names.quantized_weight(names.module(0, "fc1"))["codes"]] == TensorProto.INT8
+    group = names.weight_groups(names.module(0, "fc1"), 2)
+    assert types[group["plane0"]] == types[group["plane1"]] == TensorProto.INT8
+
+
+def test_one_weight_group_is_the_single_scale_form(tiny_loaded, calibrate_tiny):
+    """`trt_weight_groups=1` keeps one DequantizeLinear per linear (the first variant)."""
+    graph = trt_graph(tiny_loaded, calibrate_tiny(**RECIPES["W4A4"]), trt_weight_groups=1)
+    weights = [n.name for n in graph.graph.node if WEIGHT_DQ.search(n.name)]
+    assert len(weights) == len(LINEARS) * tiny_loaded.shape.num_layers
+    assert all(name.endswith("/weight/DequantizeLinear") for name in weights)
+    assert errors(check_model(graph, "trt")) == []
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.points import LINEAR_INPUT_ACT, LINEAR_OUTPUT_ACT, Act
 from rptq.quant.bcq import binary_weight
 from rptq.quant.trt_weights import (
+    DEFAULT_WEIGHT_GROUPS,
     INT4_MAX,
     INT4_MIN,
     SymmetricWeight,
@@ -72,6 +73,7 @@ class LayerFold:
     acts: dict[Act, ActVectors]
     head_factor: float | None  # head_dim^-½ of the removed q Mul (None: q not folded)
     int4_block: int  # 0: INT8 weights
+    weight_groups: int = DEFAULT_WEIGHT_GROUPS  # scale groups of a re-quantized folded weight
 
 
 @dataclass(frozen=True)
@@ -150,14 +152,16 @@ def plan_linear(fold: LayerFold, linear: str) -> tuple[Edit, int] | None:
     sym, plan_codes, plan_zero = _weight(fold, quant, found.weight, in_scale, order)
     dq_scale: NDArray[np.floating] = sym.scale.astype(np.float64) * (
         1.0 if factor is None else factor
-    )
+    )  # [out], or [groups, out] with scale groups
     dq_scale = as_dtype(dq_scale, dtype, module)
     if np.any(dq_scale <= 0):
         raise PlanError(f"plan weight {module}: a folded scale underflows in {dtype}")
     matrix = sym.folded_values().T.astype(np.float64) + _lorc_matrix(quant, order)
     new_b = as_dtype(fold_bias(found.bias.values, matrix, in_zero, factor, offset), dtype, module)
     prepared = _Quantized(sym, plan_codes, plan_zero, dq_scale, factor, new_b)
-    if fold.int4_block:
+    if sym.group_of is not None:
+        edit, size = _grouped_edit(fold, found, prepared)
+    elif fold.int4_block:
         edit, size = _int4_edit(fold.graph, found, prepared, fold.int4_block)
     else:
         codes = np.ascontiguousarray(sym.codes.T)
@@ -297,12 +301,62 @@ def _weight(
     w32 = np.asarray(weight.values, np.float32)
     may_requantize = fold.plan.recipe.target is Target.ORT and quant.lorc is None
     try:
-        sym = trt_weight(w32.T, codes.T, scale, zero, quant.bits, in_scale, folded, may_requantize)
+        sym = trt_weight(
+            w32.T,
+            codes.T,
+            scale,
+            zero,
+            quant.bits,
+            in_scale,
+            folded,
+            may_requantize,
+            fold.weight_groups,
+        )
     except ValueError as exc:
         raise PlanError(
             f"plan weight {quant.fqn}: {exc}; recalibrate with --target tensorrt"
         ) from None
     return sym, codes.astype(np.int64), zero.astype(np.int64)
+
+
+def _grouped_edit(fold: LayerFold, linear: Linear, prepared: _Quantized) -> tuple[Edit, int]:
+    """One GEMM per activation-scale group, summed (rptq.quant.trt_weights.scale_groups).
+
+    Group g's codes are the folded weight's codes on its input channels and 0 elsewhere, with
+    its own scale per output channel: all read the same INT8 activation DequantizeLinear, so
+    each is a weight-fused INT8 (or blocked INT4) GEMM, and their sum is codes·scale[group].
+    """
+    sym = prepared.symmetric
+    assert sym.group_of is not None
+    groups = prepared.dq_scale.shape[0]
+    block = fold.int4_block
+    in_ch = sym.codes.shape[1]
+    if block and in_ch % block:
+        raise ConfigError(
+            f"{linear.module} has {in_ch} input channels, not a multiple of --int4-block "
+            f"{block}; use the other block size or INT8 weights"
+        )
+    if block and (sym.codes.min(initial=0) < INT4_MIN or sym.codes.max(initial=0) > INT4_MAX):
+        raise ConfigError(f"{linear.module}: INT4 weights need --wbits 4 or less")
+    member = sym.group_of[None, :] == np.arange(groups)[:, None]  # [groups, in]
+    parts = np.where(member[:, :, None], sym.codes.T[None, :, :], 0).astype(np.int8)
+    stored = plane_tensors(
+        parts, prepared.dq_scale.T, prepared.dq_scale.dtype, block, linear.module
+    )
+    node_names = names.weight_groups(linear.module, groups)
+
+    def edit() -> None:
+        total = add_plane_products(
+            fold.graph, linear.module, linear.matmul, stored, block, node_names
+        )
+        linear.add.inputs[0] = total
+        linear.bias.values = prepared.bias
+
+    size = sum(
+        packed_nbytes(c.dtype, c.size) + packed_nbytes(c.dtype, s.size) + s.nbytes
+        for c, s in stored
+    )
+    return edit, size
 
 
 def _dequantize(
