@@ -158,23 +158,18 @@ def binary_weight(module_path: str, planes: int) -> dict[str, str]:
 
 
 def weight_groups(module_path: str, groups: int) -> dict[str, str]:
-    """Names of a TensorRT-variant weight split by activation-scale group (the same keys as
-    `binary_weight`'s planes): group g's codes (0 outside its input channels) with one scale
-    per output channel feed their own MatMul on the same activation (group 0 in
-    `<module>/MatMul`), and the products are summed (`sum{g}`).
+    """Names around a TensorRT-variant weight with activation-scale groups: the groups' codes
+    side by side in one weight (`quantized_weight`'s names), one MatMul writing [..., groups x
+    out], split into the groups' products (`part{g}`) and summed into `output`.
     """
-    out: dict[str, str] = {}
+    out = {
+        "split_node": f"{module_path}/weight/groups/Split",
+        "split_sizes": f"{module_path}/weight/groups/split",
+        "sum_node": f"{module_path}/weight/groups/Sum",
+        "output": f"{module_path}/weight/groups/sum",
+    }
     for g in range(groups):
-        out[f"plane{g}"] = f"{module_path}.weight_group{g}"
-        out[f"plane{g}_scale"] = f"{module_path}.weight_group{g}_scale"
-        out[f"plane{g}_zero_point"] = f"{module_path}.weight_group{g}_zero_point"
-        out[f"plane{g}_node"] = f"{module_path}/weight/group{g}/DequantizeLinear"
-        out[f"plane{g}_dequantized"] = f"{module_path}.weight_group{g}_dequantized"
-        if g > 0:
-            out[f"sum{g}_node"] = f"{module_path}/weight/group{g}/Add"
-            out[f"sum{g}"] = f"{module_path}.weight_group_sum{g}"
-            out[f"plane{g}_matmul"] = f"{module_path}/weight/group{g}/MatMul"
-            out[f"plane{g}_product"] = f"{module_path}/weight/group{g}/product"
+        out[f"part{g}"] = f"{module_path}/weight/group{g}/product"
     return out
 
 

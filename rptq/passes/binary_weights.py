@@ -213,15 +213,12 @@ def add_plane_products(
     matmul: gs.Node,
     stored: list[tuple[NDArray[np.generic], NDArray[np.floating]]],
     block: int,
-    node_names: dict[str, str] | None = None,
 ) -> gs.Tensor:
     """Plane 0 becomes `matmul`'s weight; planes 1.. get MatMuls on the same input, summed.
 
     Returns the sum's tensor (`matmul`'s output for one plane); the caller wires it onward.
-    `node_names` (keys of names.binary_weight) names other per-part weights, such as the
-    TensorRT variant's scale groups (names.weight_groups).
     """
-    n = names.binary_weight(fqn, len(stored)) if node_names is None else node_names
+    n = names.binary_weight(fqn, len(stored))
     x = matmul.inputs[0]
     total: gs.Tensor = matmul.outputs[0]
     attrs = {"axis": 0, "block_size": block} if block else {"axis": PLANE_AXIS}

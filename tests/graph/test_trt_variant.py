@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections import Counter
 
 import numpy as np
@@ -53,9 +52,6 @@ NODES_PER_ACT: dict[Act, Counter] = {
 }
 
 
-WEIGHT_DQ = re.compile(r"/weight/(group\d+/)?DequantizeLinear$")
-
-
 def trt_graph(loaded, plan, **options) -> onnx.ModelProto:
     return quantized_graph(loaded, plan, target="trt", **options)
 
@@ -92,8 +88,8 @@ def test_int4_blocked_variant_passes_the_checker(tiny_loaded, calibrate_tiny):
     for label in ("W4A4", "W4A16"):
         plan = calibrate_tiny(**RECIPES[label])
         graph = trt_graph(tiny_loaded, plan, int4_block_size=64)
-        weights = [n for n in graph.graph.node if WEIGHT_DQ.search(n.name)]
-        assert len(weights) == sum(all_weight_parts(plan, tiny_loaded.shape.num_layers))
+        weights = [n for n in graph.graph.node if n.name.endswith("/weight/DequantizeLinear")]
+        assert len(weights) == 6 * tiny_loaded.shape.num_layers
         assert all({a.name: a.i for a in n.attribute}["block_size"] == 64 for n in weights)
         assert errors(check_model(graph, "trt")) == []
 
@@ -108,7 +104,7 @@ def test_op_counts_follow_the_spec_table(label, tiny_loaded, calibrate_tiny):
         expected += Counter(Clip=1) if quant.bits < 8 else Counter()
     if plan.recipe.wbits < 16:
         for parts in all_weight_parts(plan, tiny_loaded.shape.num_layers):
-            expected += Counter(DequantizeLinear=parts, MatMul=parts - 1, Add=parts - 1)
+            expected += Counter(DequantizeLinear=1) + Counter(Split=parts > 1, Sum=parts > 1)
     # fold_reorder gathers each reordered LayerNorm's input (R1, R4)
     expected += Counter(Gather=sum(s.point in LAYERNORM_SITE.values() for s in plan.sites))
     assert added == expected
@@ -124,7 +120,7 @@ def test_qdq_are_per_tensor_int8_with_zero_points_zero(label, tiny_loaded, calib
         zero = inits[node.input[2]]
         assert zero.dtype == np.int8, node.name
         assert not zero.any(), node.name
-        if not WEIGHT_DQ.search(node.name):
+        if not node.name.endswith("/weight/DequantizeLinear"):
             assert inits[node.input[1]].shape == (), node.name  # per-tensor activation scale
     assert not {"Max", "Min"} & set(op_counts(graph))  # no per-channel clamps left
 
@@ -207,36 +203,36 @@ def test_int4_weights_need_four_bits(tiny_loaded, calibrate_tiny):
 
 
 def test_weight_dequantize_feeds_the_matmul(tiny_loaded, calibrate_tiny):
-    """DequantizeLinear(weight) -> MatMul, the pattern TensorRT fuses into its GEMMs: for
-    each scale group of a folded weight, all on the same INT8 activation DequantizeLinear."""
+    """DequantizeLinear(weight) -> MatMul, the pattern TensorRT fuses into its GEMMs: one
+    per linear, its scale groups side by side, then Split into the groups' products and Sum."""
     plan = calibrate_tiny(**RECIPES["W4A4"])
     graph = trt_graph(tiny_loaded, plan)
     consumers = {inp: node for node in graph.graph.node for inp in node.input}
     producers = {o: n for n in graph.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     for layer in range(tiny_loaded.shape.num_layers):
         for linear in LINEARS:
             module = names.module(layer, linear)
+            out = names.quantized_weight(module)["output"]
+            matmul = consumers[out]
+            assert matmul.op_type == "MatMul"
+            assert producers[matmul.input[0]].op_type == "DequantizeLinear"  # INT8 activation
             parts = weight_parts(plan, layer, linear)
             assert parts == 2  # every input has clusters of >= 2 scales on this model
-            group = names.weight_groups(module, parts)
-            inputs = set()
-            for g in range(parts):
-                matmul = consumers[group[f"plane{g}_dequantized"]]
-                assert matmul.op_type == "MatMul"
-                inputs.add(matmul.input[0])
-            assert len(inputs) == 1  # one activation Q/DQ feeds every group's GEMM
-            assert producers[inputs.pop()].op_type == "DequantizeLinear"
+            split = consumers[matmul.output[0]]
+            assert split.name == names.weight_groups(module, parts)["split_node"]
+            assert consumers[split.output[0]].op_type == "Sum"
+            codes = inits[names.quantized_weight(module)["codes"]]
+            half = codes.shape[1] // 2  # each input channel is in exactly one group
+            assert not np.any((codes[:, :half] != 0) & (codes[:, half:] != 0))
     types = {t.name: t.data_type for t in graph.graph.initializer}
-    group = names.weight_groups(names.module(0, "fc1"), 2)
-    assert types[group["plane0"]] == types[group["plane1"]] == TensorProto.INT8
+    assert types[names.quantized_weight(names.module(0, "fc1"))["codes"]] == TensorProto.INT8
 
 
 def test_one_weight_group_is_the_single_scale_form(tiny_loaded, calibrate_tiny):
-    """`trt_weight_groups=1` keeps one DequantizeLinear per linear (the first variant)."""
+    """`trt_weight_groups=1` is the first variant: one scale per output row, no Split."""
     graph = trt_graph(tiny_loaded, calibrate_tiny(**RECIPES["W4A4"]), trt_weight_groups=1)
-    weights = [n.name for n in graph.graph.node if WEIGHT_DQ.search(n.name)]
-    assert len(weights) == len(LINEARS) * tiny_loaded.shape.num_layers
-    assert all(name.endswith("/weight/DequantizeLinear") for name in weights)
+    assert "Split" not in op_counts(graph)
     assert errors(check_model(graph, "trt")) == []
 
 

@@ -320,15 +320,17 @@ def _weight(
 
 
 def _grouped_edit(fold: LayerFold, linear: Linear, prepared: _Quantized) -> tuple[Edit, int]:
-    """One GEMM per activation-scale group, summed (rptq.quant.trt_weights.scale_groups).
+    """One GEMM for all activation-scale groups (rptq.quant.trt_weights.scale_groups).
 
-    Group g's codes are the folded weight's codes on its input channels and 0 elsewhere, with
-    its own scale per output channel: all read the same INT8 activation DequantizeLinear, so
-    each is a weight-fused INT8 (or blocked INT4) GEMM, and their sum is codes·scale[group].
+    Group g's codes (the folded weight's codes on its input channels, 0 elsewhere) with its own
+    scale per output channel sit side by side in one weight [in, groups x out]: a single
+    DequantizeLinear (per column, or INT4 blocks) into a single MatMul, the pattern TensorRT
+    (and ONNX Runtime) fuse into one integer GEMM. Its output is split into the groups'
+    products, which are summed: codes·scale[group] of every input channel.
     """
     sym = prepared.symmetric
     assert sym.group_of is not None
-    groups = prepared.dq_scale.shape[0]
+    groups, out_ch = prepared.dq_scale.shape
     block = fold.int4_block
     in_ch = sym.codes.shape[1]
     if block and in_ch % block:
@@ -338,25 +340,46 @@ def _grouped_edit(fold: LayerFold, linear: Linear, prepared: _Quantized) -> tupl
         )
     if block and (sym.codes.min(initial=0) < INT4_MIN or sym.codes.max(initial=0) > INT4_MAX):
         raise ConfigError(f"{linear.module}: INT4 weights need --wbits 4 or less")
-    member = sym.group_of[None, :] == np.arange(groups)[:, None]  # [groups, in]
-    parts = np.where(member[:, :, None], sym.codes.T[None, :, :], 0).astype(np.int8)
-    stored = plane_tensors(
-        parts, prepared.dq_scale.T, prepared.dq_scale.dtype, block, linear.module
-    )
-    node_names = names.weight_groups(linear.module, groups)
+    member = sym.group_of[:, None] == np.arange(groups)[None, :]  # [in, groups]
+    codes = np.concatenate(
+        [np.where(member[:, g : g + 1], sym.codes.T, 0) for g in range(groups)], axis=1
+    )  # [in, groups x out], group-major columns like the flattened scale
+    scale = np.ascontiguousarray(prepared.dq_scale.reshape(-1))
+    if block:
+        codes = codes.astype(ml_dtypes.int4)
+        scale = np.ascontiguousarray(int4_block_scales(scale, in_ch, block))
+        zero: NDArray[np.generic] = np.zeros(scale.shape, ml_dtypes.int4)
+        attrs = {"axis": BLOCK_AXIS, "block_size": block}
+    else:
+        codes = codes.astype(np.int8)
+        zero = np.zeros(scale.shape, np.int8)
+        attrs = {"axis": WEIGHT_AXIS}
+    codes = np.ascontiguousarray(codes)
+    n = names.weight_groups(linear.module, groups)
+    sizes = np.full(groups, out_ch, np.int64)
 
     def edit() -> None:
-        total = add_plane_products(
-            fold.graph, linear.module, linear.matmul, stored, block, node_names
-        )
-        linear.add.inputs[0] = total
+        _dequantize(fold.graph, linear, codes, scale, zero, attrs)
+        product = linear.matmul.outputs[0]
+        product.shape = None  # [..., groups x out] now
+        dtype = product.dtype
+        parts = [gs.Variable(n[f"part{g}"], dtype=dtype) for g in range(groups)]
+        summed = gs.Variable(n["output"], dtype=dtype)
+        fold.graph.nodes += [
+            gs.Node(
+                "Split",
+                name=n["split_node"],
+                attrs={"axis": -1},
+                inputs=[product, gs.Constant(n["split_sizes"], sizes)],
+                outputs=parts,
+            ),
+            gs.Node("Sum", name=n["sum_node"], inputs=list(parts), outputs=[summed]),
+        ]
+        linear.add.inputs[0] = summed
         linear.bias.values = prepared.bias
 
-    size = sum(
-        packed_nbytes(c.dtype, c.size) + packed_nbytes(c.dtype, s.size) + s.nbytes
-        for c, s in stored
-    )
-    return edit, size
+    size = packed_nbytes(codes.dtype, codes.size) + scale.nbytes
+    return edit, size + packed_nbytes(zero.dtype, zero.size) + sizes.nbytes
 
 
 def _dequantize(
