@@ -47,3 +47,14 @@ TRT_FP16_PPL_MAX_REL_DIFF = 0.01
 # boundary flip: measured on the tiny model 20.8 dB at W4A4 (the default target's fp16 export:
 # 21.8 dB), 33.1 dB at W4A8, 61.6 dB at W4A16. A wrong fold or scale cast gives < 12 dB.
 TRT_VARIANT_FP16_MIN_SQNR_DB = 18.0
+
+# TensorRT variant vs the default target on an outlier model (issue 13: "within 1 dB"), logit
+# SQNR of each PyTorch reference against the FP model. Not a numerical tolerance but the
+# issue's acceptance bound on a change of model: both share every activation grid, and the
+# variant's weights are W·diag(s) re-quantized symmetrically per output row and scale group
+# instead of W asymmetrically per row. Measured on the CI outlier model (tests/parity/
+# test_trt_outliers.py; 3 model seeds): scale groups are 0.1-1.8 dB *above* the default at
+# W4A8 and -0.02..+0.24 dB at W4A4 (finer scales for the wide clusters' columns, coarser grid
+# by symmetry); one scale per row is 2.0-4.4 dB below at W4A8 and 1.5-3.5 dB below at W4A4, so
+# the bound separates the two forms on every seed.
+TRT_OUTLIER_MAX_LOSS_DB = 1.0
