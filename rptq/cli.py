@@ -156,6 +156,15 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
         help="with --target tensorrt: INT4 weights in blocks of this many input channels "
         "(default: INT8 per output channel)",
     )
+    parser.add_argument(
+        "--trt-weight-groups",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --target tensorrt: weight scales per output channel and group of activation "
+        "clusters of similar scale, in one GEMM (default 2; 1: one scale per output channel, "
+        "the first variant, which loses on models with outlier channels)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 

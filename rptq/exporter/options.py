@@ -38,3 +38,5 @@ class ExportOptions:
         if self.target not in {t.value for t in Target}:
             raise ConfigError(f"target must be 'ort' or 'trt', got {self.target!r}")
         object.__setattr__(self, "target", Target(self.target))
+        if self.trt_weight_groups < 1:
+            raise ConfigError(f"--trt-weight-groups must be >= 1, got {self.trt_weight_groups}")

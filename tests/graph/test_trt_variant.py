@@ -303,3 +303,14 @@ def test_cli_eval_target_tensorrt_runs_the_variant_reference(capsys, data_dir, t
     summary = json.loads(capsys.readouterr().out)
     assert summary["backend"] == "pytorch-reference-tensorrt"
     assert summary["perplexity"]["wikitext2"] > 1
+
+
+@pytest.mark.parametrize(("groups", "splits"), [(None, 12), ("1", 0), ("3", 12)])
+def test_cli_trt_weight_groups(saved_model_and_plan, groups, splits):
+    """Default 2 scale groups (a Split per folded linear), 1 the single-scale form."""
+    root = saved_model_and_plan
+    out = root / f"groups-{groups}.onnx"
+    args = ["export", str(root / "model"), "--plan", str(root / "plan"), "--target", "tensorrt"]
+    extra = [] if groups is None else ["--trt-weight-groups", groups]
+    assert main([*args, *extra, "-o", str(out), "-q"]) == 0
+    assert op_counts(onnx.load(out))["Split"] == splits
