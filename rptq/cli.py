@@ -162,7 +162,7 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="with --target tensorrt: weight scales per output channel and group of activation "
-        "clusters of similar scale, in one GEMM (default 2; 1: one scale per output channel, "
+        "clusters of similar scale, in one GEMM (default 3; 1: one scale per output channel, "
         "the first variant, which loses on models with outlier channels)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")

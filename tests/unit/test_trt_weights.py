@@ -108,7 +108,7 @@ def test_grouped_requantization_scales_each_group_on_its_own(rng):
     weight = rng.normal(size=(8, 16)).astype(np.float32)
     codes, scale, zero = quantize_rows(weight, 4)
     in_scale = np.where(np.arange(16) < 3, 40.0, 1.0).astype(np.float32)  # 3 wide channels
-    symmetric = trt_weight(weight, codes, scale, zero, 4, in_scale)  # default: 2 groups
+    symmetric = trt_weight(weight, codes, scale, zero, 4, in_scale)  # two distinct scales: 2 groups
     assert symmetric.group_of is not None
     assert symmetric.scale.shape == (2, 8)
     np.testing.assert_array_equal(symmetric.group_of, (np.arange(16) < 3).astype(np.int64))
