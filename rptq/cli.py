@@ -186,6 +186,15 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
         help="type of the KV cache inputs/outputs: float (the export dtype), or int8/uint8: the "
         "plan's K/V codes, 1 byte per element (needs quantized K/V; ONNX Runtime target)",
     )
+    parser.add_argument(
+        "--trt-weight-groups",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --target tensorrt: weight scales per output channel and group of activation "
+        "clusters of similar scale, in one GEMM (default 3; 1: one scale per output channel, "
+        "the first variant, which loses on models with outlier channels)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 

@@ -154,6 +154,8 @@ def _pass_target(args: argparse.Namespace) -> Target:
     block = getattr(args, "int4_block", None)
     if block is not None and target is not Target.TRT:
         raise ConfigError("--int4-block applies to --target tensorrt only")
+    if getattr(args, "trt_weight_groups", None) is not None and target is not Target.TRT:
+        raise ConfigError("--trt-weight-groups applies to --target tensorrt only")
     return target
 
 
@@ -161,6 +163,7 @@ def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
     """The export flags of `run` and `export` as one ExportOptions."""
     from rptq.exporter.options import ExportOptions
 
+    groups = {} if args.trt_weight_groups is None else {"trt_weight_groups": args.trt_weight_groups}
     return ExportOptions(
         args.dtype,
         args.opset,
@@ -169,6 +172,7 @@ def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
         force=args.force,
         past=not args.no_cache,
         kv_cache_dtype=args.kv_cache_dtype,
+        **groups,
     )
 
 

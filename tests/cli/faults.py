@@ -264,6 +264,13 @@ FAULTS: tuple[Fault, ...] = (
           ("{model}", "-o", "{tmp}/out.onnx", "--kv-cache-dtype", "int8"),
           "--kv-cache-dtype int8 stores quantized K/V, but --abits 16 leaves them float; use "
           "--abits 8 or lower, or --kv-cache-dtype float"),
+    Fault("trt-groups-ort", "--trt-weight-groups without --target tensorrt",
+          ("export", "{model}", "-o", "{tmp}/out.onnx", "--trt-weight-groups", "2"),
+          "--trt-weight-groups applies to --target tensorrt only"),
+    Fault("trt-groups-0", "no weight scale group",
+          ("export", "{model}", "-o", "{tmp}/out.onnx", "--target", "tensorrt",
+           "--trt-weight-groups", "0"),
+          "--trt-weight-groups must be >= 1, got 0"),
     Fault("kv-only-a16", "--only-quant-kv with float activations", (*CAL, "--only-quant-kv"),
           "--only-quant-kv needs --abits 3, 4 or 8"),
     Fault("lorc-negative", "negative LoRC rank", (*CAL, "--lorc-rank", "-1"),
