@@ -172,7 +172,7 @@ PAST_EXPECTED: dict[str, tuple[str, str, str]] = {
     "past-FP": ("0f01d0724e5302ee", "620a5194ec7fe0a3", "2bfe956d9dacb8b5"),
     "past-W4A4KV": ("e810cfe1d2adb01f", "f166c114a9286f19", "e521d1f6ed60d1f5"),
     "past-W4A4KV-int8": ("5c4bed6191687283", "f166c114a9286f19", "a24c8e098e9c7390"),
-    "past-trt-W4A4-fp16": ("7c0bf6bf9cdf64d3", "1f3988a39265349d", "ce2c30e969270c93"),
+    "past-trt-W4A4-fp16": ("f0ecdd981b53deb3", "0a2690ec83496b81", "a96ed82f948e8a09"),
 }
 
 
