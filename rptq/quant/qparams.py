@@ -10,6 +10,12 @@ One deliberate difference [design]: instead of clamping s to [1e-4, 1e4] (which 
 reproduce constant channels), a range is widened symmetrically about its midpoint until
 |z| <= 32767, so every zero point fits an int16 Q/DQ container and constant channels are
 reproduced to within one small step.
+
+A second one [design]: the clusters of one activation keep a range of at least the widest
+cluster's range / 2^b (`floor_cluster_ranges`), so no cluster's step is finer than 1/2^b of
+the widest one's. The TensorRT variant divides by a cluster's scale (U = X/s + z folded into
+the producer's weights and bias), and a nearly dead cluster (a ReLU channel group that is
+almost never positive: s = 1.8e-6 seen) made those constants leave float16.
 """
 
 from __future__ import annotations
@@ -49,6 +55,30 @@ def affine_params(
     zero = np.round(-mid / scale.astype(np.float64))
     zero = np.clip(zero, -MAX_ZERO_POINT, MAX_ZERO_POINT).astype(np.int32)
     return scale, zero
+
+
+def floor_cluster_ranges(
+    xmin: NDArray[np.floating], xmax: NDArray[np.floating], bits: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The clusters' ranges of one activation, each widened about its midpoint to at least the
+    widest one's width / 2^bits.
+
+    Why this floor: a cluster's rounding error is at most s/2 per value and the widest
+    cluster's s_max/2; a floored cluster's error stays below s_max/2^(bits+1), 2^bits times
+    smaller than what the widest cluster already adds, so the floor costs nothing measurable.
+    It bounds 1/s by 2^(2·bits)/width_max: the TensorRT variant's U = X/s of a value inside
+    the widest cluster's range then stays near or below float16's limit at 8 bits (65536 vs
+    65504), where an unfloored dead cluster's 1/s has no bound at all. Ranges at least that
+    wide (every live cluster, and any single per-tensor range) are returned bit for bit.
+    """
+    lo = np.asarray(xmin, dtype=np.float64)
+    hi = np.asarray(xmax, dtype=np.float64)
+    width = np.maximum(hi - lo, 0.0)
+    if width.size == 0:
+        return lo, hi
+    floor = width.max() / 2**bits
+    grow = np.where(width < floor, (floor - width) / 2, 0.0)
+    return np.where(grow > 0, lo - grow, lo), np.where(grow > 0, hi + grow, hi)
 
 
 def quantize(
