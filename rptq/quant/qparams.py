@@ -11,11 +11,10 @@ reproduce constant channels), a range is widened symmetrically about its midpoin
 |z| <= 32767, so every zero point fits an int16 Q/DQ container and constant channels are
 reproduced to within one small step.
 
-A second one [design]: the clusters of one activation keep a range of at least the widest
-cluster's range / 2^b (`floor_cluster_ranges`), so no cluster's step is finer than 1/2^b of
-the widest one's. The TensorRT variant divides by a cluster's scale (U = X/s + z folded into
-the producer's weights and bias), and a nearly dead cluster (a ReLU channel group that is
-almost never positive: s = 1.8e-6 seen) made those constants leave float16.
+A second one [design]: no cluster's scale is below the activation's widest range / 2^16
+(`floor_cluster_ranges`). The TensorRT variant divides by a cluster's scale (U = X/s + z
+folded into the producer's weights and bias), and a nearly dead cluster (a ReLU channel group
+that is almost never positive: s = 1.8e-6 seen) made those constants leave float16.
 """
 
 from __future__ import annotations
@@ -57,26 +56,29 @@ def affine_params(
     return scale, zero
 
 
+FLOOR_LEVELS = 2**16  # float16's largest finite value is 65504, just below 2^16
+
+
 def floor_cluster_ranges(
     xmin: NDArray[np.floating], xmax: NDArray[np.floating], bits: int
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """The clusters' ranges of one activation, each widened about its midpoint to at least the
-    widest one's width / 2^bits.
+    """The clusters' ranges of one activation, each widened about its midpoint until its
+    scale (width / 2^bits) is at least the widest range / 2^16.
 
-    Why this floor: a cluster's rounding error is at most s/2 per value and the widest
-    cluster's s_max/2; a floored cluster's error stays below s_max/2^(bits+1), 2^bits times
-    smaller than what the widest cluster already adds, so the floor costs nothing measurable.
-    It bounds 1/s by 2^(2·bits)/width_max: the TensorRT variant's U = X/s of a value inside
-    the widest cluster's range then stays near or below float16's limit at 8 bits (65536 vs
-    65504), where an unfloored dead cluster's 1/s has no bound at all. Ranges at least that
-    wide (every live cluster, and any single per-tensor range) are returned bit for bit.
+    Why this floor: the TensorRT variant carries every value as U = X/s + z, so a value
+    inside the activation's widest range has |X/s| <= width_max / s <= 2^16 and stays near or
+    below float16's limit (65504); an unfloored dead cluster's 1/s had no bound at all. It
+    only bites far below the live ranges: a cluster narrower than width_max·2^bits/2^16
+    (1/256 of the widest at 8 bits, 1/4096 at 4), whose rounding error is already that much
+    below the widest cluster's, and stays so. Ranges above the floor (every live cluster, and
+    any single per-tensor range) are returned bit for bit.
     """
     lo = np.asarray(xmin, dtype=np.float64)
     hi = np.asarray(xmax, dtype=np.float64)
     width = np.maximum(hi - lo, 0.0)
     if width.size == 0:
         return lo, hi
-    floor = width.max() / 2**bits
+    floor = width.max() * 2**bits / FLOOR_LEVELS
     grow = np.where(width < floor, (floor - width) / 2, 0.0)
     return np.where(grow > 0, lo - grow, lo), np.where(grow > 0, hi + grow, hi)
 

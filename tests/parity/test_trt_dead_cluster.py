@@ -4,7 +4,7 @@ The variant writes U = X/s + z of each quantized activation in its producer (1/s
 the producer's weight and bias). A cluster of ReLU channels that are (almost) never positive
 has a range near 0, so its scale was tiny (1.8e-6 seen in a TensorRT-calibrated plan, 7.8e-9
 for an all-zero range), and fc1's bias folded with 1/s (1.4e6) left float16: the export
-stopped. Calibration now keeps every cluster's range at least the widest one's / 2^bits
+stopped. Calibration now keeps every cluster's scale at least the widest range / 2^16
 (rptq.quant.qparams.floor_cluster_ranges). Here 32 fc1 channels of layer 1 are killed (bias
 -1, weight rows 0) and the plan is per channel (k-means on the tiny model merges the dead
 channels with a few small live ones; a per-channel plan gives each its own range [0, 0]):
@@ -26,7 +26,7 @@ from rptq.errors import PlanError
 from rptq.model.load import from_module
 from rptq.plan import Recipe, folded_input_scale
 from rptq.points import SITE_OF, Act
-from rptq.quant.qparams import affine_params
+from rptq.quant.qparams import FLOOR_LEVELS, affine_params
 from rptq.runtime.ort import OrtLogits, make_session
 from rptq.runtime.parity import compare
 from rptq.runtime.trt_reference import TrtReferenceModel
@@ -36,7 +36,7 @@ from tests.conftest import TINY_CLUSTERS
 from tests.tolerances import TRT_VARIANT_FP16_MIN_SQNR_DB
 
 DEAD = slice(0, 32)  # fc1 output channels of layer 1 whose ReLU output is always 0
-ABITS = 8  # the floor is loosest (s_max / 256) at 8 bits
+ABITS = 8  # the floor bites most at 8 bits: a range below 1/256 of the widest
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,10 @@ def _channel_scales(plan):
 @pytest.mark.parametrize("target", ["ort", "trt"])
 def test_dead_cluster_scale_is_floored(dead_plans, target):
     scale = _channel_scales(dead_plans[target])
-    assert scale.min() >= scale.max() / 2**ABITS * (1 - 1e-6)
+    floor = scale.max() * 2**ABITS / FLOOR_LEVELS  # the widest range / 2^16
+    assert scale.min() >= floor * (1 - 1e-6)
     # the dead channels sit exactly on the floor (their own range is [0, 0])
-    np.testing.assert_allclose(scale[DEAD], scale.max() / 2**ABITS, rtol=1e-5)
+    np.testing.assert_allclose(scale[DEAD], floor, rtol=1e-5)
 
 
 @pytest.mark.parametrize("target", ["ort", "trt"])

@@ -93,19 +93,20 @@ def test_quantize_rows_matches_per_row_params():
 
 
 def test_cluster_range_floor_widens_only_ranges_below_it():
-    """floor_cluster_ranges: ranges >= the widest / 2^bits come back bit for bit; a dead one
-    (and a near-dead one) is widened about its midpoint to exactly that floor."""
+    """floor_cluster_ranges: ranges whose scale is >= the widest range / 2^16 come back bit for
+    bit; a dead one (and a near-dead one) is widened about its midpoint to exactly that."""
     lo = np.array([-1.3, 0.0, 0.0, 0.01, 0.2])
-    hi = np.array([2.1, 0.0, 3e-4, 0.03, 0.2 + 3.4 / 200])
-    new_lo, new_hi = floor_cluster_ranges(lo, hi, 8)
-    floor = 3.4 / 256
-    live = [0, 3, 4]
-    np.testing.assert_array_equal(new_lo[live], lo[live])
-    np.testing.assert_array_equal(new_hi[live], hi[live])
-    np.testing.assert_allclose(new_hi[1:3] - new_lo[1:3], floor, rtol=1e-12)
-    np.testing.assert_allclose((new_hi + new_lo)[1:3], (hi + lo)[1:3], atol=1e-15)
-    scale, _ = affine_params(new_lo, new_hi, 8)
-    assert scale.min() >= scale.max() / 256 * (1 - 1e-6)
+    hi = np.array([2.1, 0.0, 1e-3, 0.03, 0.2 + 3.4 / 200])
+    for bits, floored in ((8, [1, 2]), (4, [1])):
+        new_lo, new_hi = floor_cluster_ranges(lo, hi, bits)
+        floor = 3.4 * 2**bits / 2**16
+        live = [i for i in range(5) if i not in floored]
+        np.testing.assert_array_equal(new_lo[live], lo[live])
+        np.testing.assert_array_equal(new_hi[live], hi[live])
+        np.testing.assert_allclose(new_hi[floored] - new_lo[floored], floor, rtol=1e-12)
+        np.testing.assert_allclose((new_hi + new_lo)[floored], (hi + lo)[floored], atol=1e-15)
+        scale, _ = affine_params(new_lo, new_hi, bits)
+        assert scale.min() >= 3.4 / 2**16 * (1 - 1e-6)
     one_lo, one_hi = floor_cluster_ranges(lo[:1], hi[:1], 4)  # per tensor: unchanged
     assert one_lo[0] == lo[0]
     assert one_hi[0] == hi[0]
