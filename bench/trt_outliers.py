@@ -11,8 +11,9 @@ WikiText-2 windows (PyTorch references, which the graphs match: tests/parity):
 - `TensorRT, G scale groups`: the variant's export with `trt_weight_groups=G` (G = 1 is the
   first variant, one scale per output row; G >= 2 one GEMM per group of clusters of similar
   scale, rptq.quant.trt_weights.scale_groups);
-- `TensorRT, calibrated --target tensorrt`: the same recipe calibrated in the folded domain
-  (one scale per row, what such a plan holds);
+- `TensorRT, calibrated --target tensorrt` (RTN, and `…, GPTQ`): the same recipe calibrated
+  in the folded domain, with the default scale groups such a plan now stores (before issue 13
+  part 3: one scale per row);
 - simulated, reference only (not exportable today): INT8 weights for the folded linears, and
   INT4 per-block scales (block 64 along the input dim in cluster order, clusters not aligned).
 
@@ -22,6 +23,7 @@ dominate), as a proxy for what each extra GEMM costs.
 
     python bench/trt_outliers.py                                   # writes RESULTS.md
     python bench/trt_outliers.py --models outlier --limit 1 --nsamples 2 --no-write   # smoke
+    python bench/trt_outliers.py --forms "default target,calibrated" --no-latency --no-write
 """
 
 from __future__ import annotations
@@ -128,16 +130,16 @@ def _forms(model, plan, calib, recipe):  # noqa: ANN001, ANN202
     from rptq.runtime.reference import ReferenceModel
     from rptq.runtime.trt_reference import TrtReferenceModel
 
-    def trt_calibrated():  # noqa: ANN202
-        return TrtReferenceModel(
-            model, calibrate(model, calib, dataclasses.replace(recipe, target="trt"))
-        )
+    def trt_calibrated(method: str = "rtn"):  # noqa: ANN202
+        trt = dataclasses.replace(recipe, target="trt", weight_method=method)
+        return TrtReferenceModel(model, calibrate(model, calib, trt))
 
     forms = [("default target", lambda: ReferenceModel(model, plan))]
     forms += [(f"TensorRT, {g} scale group{'s' * (g > 1)}",
                lambda g=g: TrtReferenceModel(model, plan, weight_groups=g)) for g in GROUPS]
     forms += [
         ("TensorRT, calibrated --target tensorrt", trt_calibrated),
+        ("TensorRT, calibrated --target tensorrt, GPTQ", lambda: trt_calibrated("gptq")),
         ("simulated: INT8 folded weights", lambda: _simulated(model, plan, _int8_weights)),
         ("simulated: INT4 block-64 scales", lambda: _simulated(model, plan, _int4_blocks)),
     ]
@@ -174,6 +176,8 @@ def quality(args: argparse.Namespace) -> list[dict[str, object]]:
                             nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed)
             plan = calibrate(model, calib, recipe)
             for form, make in _forms(model, plan, calib, recipe):
+                if args.forms and not any(part in form for part in args.forms):
+                    continue
                 test = run(make())
                 row = {"model": model_name, "setting": label, "form": form,
                        "sqnr_db": sqnr_db(fp, test), "kl": next_token_kl(fp, test)}
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=4, help="WikiText-2 windows to score")
     parser.add_argument("--repeats", type=int, default=5, help="timed ORT forwards per form")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--forms", type=lambda s: s.split(","), default=[],
+                        help="score only the forms whose label contains one of these")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)

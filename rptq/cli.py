@@ -193,7 +193,8 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --target tensorrt: weight scales per output channel and group of activation "
         "clusters of similar scale, in one GEMM (default 3; 1: one scale per output channel, "
-        "the first variant, which loses on models with outlier channels)",
+        "the first variant, which loses on models with outlier channels); a plan calibrated "
+        "with --target tensorrt keeps the groups it was calibrated with",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
@@ -238,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the export target the weights are calibrated for: tensorrt quantizes them as the "
         "TensorRT variant holds them (activation scales folded in, symmetric; export the plan "
         "with --target tensorrt)",
+    )
+    cal.add_argument(
+        "--trt-weight-groups",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --target tensorrt: weight scales per output channel and group of activation "
+        "clusters of similar scale (default 3; 1: one scale per output channel)",
     )
     _calib_args(cal)
 

@@ -51,6 +51,11 @@ def _recipe(args: argparse.Namespace, max_positions: int | None = None) -> Recip
     }
     if args.clusters is not None:
         fields["clusters"] = args.clusters
+    groups = getattr(args, "trt_weight_groups", None)
+    if groups is not None:
+        if fields["target"] is not Target.TRT:
+            raise ConfigError("--trt-weight-groups applies to --target tensorrt only")
+        fields["trt_weight_groups"] = groups
     if args.only_quant_kv and args.abits >= 16:
         raise ConfigError("--only-quant-kv needs --abits 3, 4 or 8")
     return Recipe(**fields)

@@ -53,6 +53,7 @@ from rptq.points import (
 )
 from rptq.quant.clusters import expand_to_channels, is_block_diagonal, is_permutation
 from rptq.quant.qparams import grid_bounds
+from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 
 SCHEMA_VERSION = 1
 PLAN_JSON = "plan.json"
@@ -145,6 +146,10 @@ class Recipe:
     # scales folded into their input channels, symmetric codes; plan_weights, "Folded input
     # scale"). Written to plan.json only when "trt", so plans without it load as "ort".
     target: Target = Target.ORT
+    # "trt" only: scale groups of each folded weight (rptq.quant.trt_weights.scale_groups),
+    # stored as the weight's group_index; written to plan.json only when "trt", and a "trt"
+    # plan without it (rptq before scale groups) was calibrated with one scale per row.
+    trt_weight_groups: int = DEFAULT_WEIGHT_GROUPS
 
     def __post_init__(self) -> None:
         if self.target not in {t.value for t in Target}:
@@ -164,6 +169,8 @@ class Recipe:
             if count < 1:
                 raise ConfigError(f"--clusters for {point} must be >= 1, got {count}")
         self._check_weight_method()
+        if self.trt_weight_groups < 1:
+            raise ConfigError(f"--trt-weight-groups must be >= 1, got {self.trt_weight_groups}")
         if self.nsamples < 1 or self.seq_len < 2:
             raise ConfigError("--nsamples must be >= 1 and --seq-len >= 2")
         object.__setattr__(self, "granularity", Granularity(self.granularity))
@@ -413,6 +420,7 @@ class QuantPlan:
         recipe["target"] = str(self.recipe.target)
         if self.recipe.target is Target.ORT:
             del recipe["target"]  # optional field: ORT plans stay readable by older rptq
+            del recipe["trt_weight_groups"]  # says how folded weights were grouped: "trt" only
         return {
             "schema_version": self.schema_version,
             "model": asdict(self.model),
@@ -576,7 +584,10 @@ def _describe(shape: dict[str, int]) -> str:
 
 
 def _plan_from(meta: dict[str, Any], tensors: dict[str, NDArray[Any]]) -> QuantPlan:
-    recipe = Recipe(**meta["recipe"])
+    fields = dict(meta["recipe"])
+    if fields.get("target") == Target.TRT.value:
+        fields.setdefault("trt_weight_groups", 1)  # calibrated before scale groups existed
+    recipe = Recipe(**fields)
     sites = tuple(
         ReorderSite(
             int(s["layer"]),

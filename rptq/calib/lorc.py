@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 
 from rptq.plan_weights import LowRank, LowRankFactor
 from rptq.quant.lowrank import FACTOR_BITS, quantize_factor, split_svd
-from rptq.quant.trt_weights import requantize_folded
+from rptq.quant.trt_weights import symmetric_codes, symmetric_max, symmetric_scale
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,19 @@ log = logging.getLogger(__name__)
 def _symmetric_factor(
     factor: NDArray[np.floating],
 ) -> tuple[NDArray[np.int8], NDArray[np.float32], NDArray[np.int32]]:
-    """8-bit codes of a factor [rows, R], one symmetric scale per row, zero points 0."""
-    codes, scale = requantize_folded(np.asarray(factor, np.float32), None, FACTOR_BITS)
-    return codes, scale, np.zeros(scale.shape, np.int32)
+    """8-bit codes of a factor [rows, R], one symmetric scale per row, zero points 0.
+
+    A row's scale is at least the largest row scale / 2^8: with scale groups a weight's
+    one-column group is exact, its error column (a row of V̂) nearly 0, and its scale (1e-12
+    seen) would flush to 0 in a float16 graph, which TensorRT refuses. A floored row's rounding
+    error stays 2^8 times below the widest row's, and rows above the floor keep their codes.
+    """
+    values = np.asarray(factor, np.float32)
+    amax = np.abs(values).max(axis=1, initial=0.0).astype(np.float32)
+    scale = symmetric_scale(values, FACTOR_BITS)  # 1 for an all-zero row
+    floor = np.float32(amax.max(initial=0.0) / symmetric_max(FACTOR_BITS) / 2**FACTOR_BITS)
+    scale = np.where(amax > 0, np.maximum(scale, floor), scale).astype(np.float32)
+    return symmetric_codes(values, scale, FACTOR_BITS), scale, np.zeros(scale.shape, np.int32)
 
 
 def lorc_correction(

@@ -66,7 +66,7 @@ from rptq.plan import (
 )
 from rptq.points import REORDERS, SITE_OF, Act, Reorder
 from rptq.quant.clusters import cluster_of_channel
-from rptq.quant.qparams import affine_params
+from rptq.quant.qparams import affine_params, floor_cluster_ranges
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _act_quants(layer: int, observer: ClusterRangeObserver, recipe: Recipe) -> l
             continue
         lo = observer.min[act].double().cpu().numpy()
         hi = observer.max[act].double().cpu().numpy()
-        scale, zero = affine_params(lo, hi, bits)
+        scale, zero = affine_params(*floor_cluster_ranges(lo, hi, bits), bits)
         out.append(ActQuant(layer, act, bits, scale, zero))
     return out
 
@@ -186,7 +186,11 @@ def calibrate(
             layer_acts = _calibrate_acts(
                 i, shards, layer_weights, shape, recipe, layer_sites, hessians
             )
-            adjust = trt_adjust(layer_acts, layer_sites) if recipe.target is Target.TRT else None
+            adjust = (
+                trt_adjust(layer_acts, layer_sites, recipe.trt_weight_groups)
+                if recipe.target is Target.TRT
+                else None
+            )
             layer_wq = (
                 quantize_layer(i, layer_weights, recipe, layer_sites, hessians, adjust)
                 if recipe.wbits < 16

@@ -8,7 +8,8 @@ weights (TensorRT folds cluster scales: W' = W diag(c) with inputs x / c, so H' 
 diag(1/c); calib/trt_domain.py) passes `adjust` to hand its own weight and Hessian to the same
 methods, so that what is exported is what was optimized. Such a problem carries
 `folded_scale` = c: RTN and GPTQ then use the symmetric per-row grid TensorRT takes
-(rptq.quant.trt_weights), GPTQT its usual grid (its planes are exported with an offset term),
+(rptq.quant.trt_weights), one scale per output row and scale group when the problem carries
+`scale_groups`; GPTQT its usual grid (its planes are exported with an offset term, one group),
 and LoRC factors are quantized symmetrically.
 
 Codes are stored back in Hugging Face column order (the plan's contract); the sweep itself runs
@@ -37,7 +38,12 @@ from rptq.plan import Recipe, ReorderSite, WeightMethod, WeightQuant
 from rptq.points import LINEAR_INPUT_ACT, LINEAR_INPUT_SITE, LINEARS
 from rptq.quant.clusters import inverse_permutation
 from rptq.quant.qparams import affine_params, grid_bounds, quantize
-from rptq.quant.trt_weights import symmetric_codes, symmetric_max, symmetric_scale
+from rptq.quant.trt_weights import (
+    requantize_grouped,
+    symmetric_codes,
+    symmetric_max,
+    symmetric_scale,
+)
 
 log = logging.getLogger(__name__)
 _Scalar = TypeVar("_Scalar", bound=np.generic)
@@ -52,7 +58,9 @@ class LinearProblem:
     holds column in_perm[i]), None for the identity. `folded_scale` [in] is the activation
     scale already folded into `weight` (and out of `hessian`) for the TensorRT target; None
     for a weight in the model's own domain. `symmetric` selects TensorRT's zero-point-free
-    grids (weights, LoRC factors).
+    grids (weights, LoRC factors). `scale_groups` [in] (Hugging Face order, TensorRT only) is
+    the scale group of each input channel (rptq.quant.trt_weights.scale_groups): RTN and GPTQ
+    then take one symmetric scale per output row and group; None for one per row.
     """
 
     fqn: str
@@ -61,6 +69,7 @@ class LinearProblem:
     in_perm: NDArray[np.int64] | None
     folded_scale: NDArray[np.float32] | None = None
     symmetric: bool = False
+    scale_groups: NDArray[np.int64] | None = None
 
 
 AdjustFn = Callable[[str, LinearProblem], LinearProblem]  # (linear, problem) -> problem
@@ -106,6 +115,7 @@ def _linear_codes(problem: LinearProblem, recipe: Recipe) -> WeightQuant:
             hessian = hessian.to(weight.device)[index][:, index]
     binary = None
     codes: NDArray[np.integer]
+    group_index: NDArray[np.int32] | None = None
     if recipe.weight_method is WeightMethod.GPTQT:
         assert hessian is not None
         gptqt = gptqt_quantize(
@@ -118,7 +128,12 @@ def _linear_codes(problem: LinearProblem, recipe: Recipe) -> WeightQuant:
         )
         codes, scale, zero, binary = gptqt.codes, gptqt.scale, gptqt.zero, gptqt.binary
     elif problem.folded_scale is not None:
-        codes, scale, zero = _symmetric_codes(weight, hessian, recipe)
+        group_of = problem.scale_groups
+        if group_of is not None and perm is not None:
+            group_of = group_of[perm]  # graph order, like the weight's columns
+        codes, scale, zero = _symmetric_codes(weight, hessian, recipe, group_of)
+        if problem.scale_groups is not None:
+            group_index = problem.scale_groups.astype(np.int32)
     else:
         w = weight.cpu().numpy()
         scale, zero = weight_grid(w, bits, group_size)
@@ -149,32 +164,46 @@ def _linear_codes(problem: LinearProblem, recipe: Recipe) -> WeightQuant:
                 zero = quantizer.zero[:, ::group_size].cpu().numpy().astype(np.int32)
     position = np.arange(codes.shape[1]) if perm is None else inverse_permutation(perm)
     codes = codes[:, position]
-    group_index = None if not group_size else (position // group_size).astype(np.int32)
+    if group_size:
+        group_index = (position // group_size).astype(np.int32)
     return WeightQuant(
         problem.fqn, bits, codes.astype(np.int8), scale, zero, binary, group_index=group_index
     )
 
 
 def _symmetric_codes(
-    weight: torch.Tensor, hessian: torch.Tensor | None, recipe: Recipe
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    recipe: Recipe,
+    group_of: NDArray[np.int64] | None = None,
 ) -> tuple[NDArray[np.int8], NDArray[np.float32], NDArray[np.int32]]:
     """RTN or GPTQ codes of a folded weight on TensorRT's grid: scale max|row| / qmax fixed
     from the float row (as the export's re-quantization), zero point 0, codes in ±qmax.
 
-    RTN is rptq.quant.trt_weights' own rounding, so a TensorRT RTN plan holds exactly the
-    codes the export computed before plans knew their target.
+    With `group_of` ([in], the columns' order) the scale is max|row over a group| / qmax,
+    scale/zero [out, groups]. RTN is rptq.quant.trt_weights' own rounding
+    (requantize_folded / requantize_grouped), so a TensorRT RTN plan holds exactly the codes
+    the export computes when it re-quantizes an ONNX Runtime RTN plan.
     """
     w = weight.cpu().numpy()
     bits = recipe.wbits
-    scale = symmetric_scale(w, bits)
+    if group_of is None:
+        scale = symmetric_scale(w, bits)
+        column_scale = scale
+    else:
+        codes, by_group = requantize_grouped(w, None, bits, group_of)
+        scale = np.ascontiguousarray(by_group.T)  # [out, groups], the plan's layout
+        column_scale = np.ascontiguousarray(scale[:, group_of])  # [out, in]
     zero = np.zeros(scale.shape, np.int32)
     if recipe.weight_method is WeightMethod.RTN:
-        return symmetric_codes(w, scale, bits), scale, zero
+        if group_of is None:
+            codes = symmetric_codes(w, scale, bits)
+        return codes, scale, zero
     assert hessian is not None
     qmax = symmetric_max(bits)
     quantizer = GridQuantizer(
-        torch.from_numpy(scale).to(weight.device),
-        torch.from_numpy(zero).to(weight.device),
+        torch.from_numpy(column_scale).to(weight.device),
+        torch.zeros(column_scale.shape, device=weight.device),
         -qmax,
         qmax,
     )

@@ -10,6 +10,11 @@ One deliberate difference [design]: instead of clamping s to [1e-4, 1e4] (which 
 reproduce constant channels), a range is widened symmetrically about its midpoint until
 |z| <= 32767, so every zero point fits an int16 Q/DQ container and constant channels are
 reproduced to within one small step.
+
+A second one [design]: no cluster's scale is below the activation's widest range / 2^16
+(`floor_cluster_ranges`). The TensorRT variant divides by a cluster's scale (U = X/s + z
+folded into the producer's weights and bias), and a nearly dead cluster (a ReLU channel group
+that is almost never positive: s = 1.8e-6 seen) made those constants leave float16.
 """
 
 from __future__ import annotations
@@ -49,6 +54,33 @@ def affine_params(
     zero = np.round(-mid / scale.astype(np.float64))
     zero = np.clip(zero, -MAX_ZERO_POINT, MAX_ZERO_POINT).astype(np.int32)
     return scale, zero
+
+
+FLOOR_LEVELS = 2**16  # float16's largest finite value is 65504, just below 2^16
+
+
+def floor_cluster_ranges(
+    xmin: NDArray[np.floating], xmax: NDArray[np.floating], bits: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The clusters' ranges of one activation, each widened about its midpoint until its
+    scale (width / 2^bits) is at least the widest range / 2^16.
+
+    Why this floor: the TensorRT variant carries every value as U = X/s + z, so a value
+    inside the activation's widest range has |X/s| <= width_max / s <= 2^16 and stays near or
+    below float16's limit (65504); an unfloored dead cluster's 1/s had no bound at all. It
+    only bites far below the live ranges: a cluster narrower than width_max·2^bits/2^16
+    (1/256 of the widest at 8 bits, 1/4096 at 4), whose rounding error is already that much
+    below the widest cluster's, and stays so. Ranges above the floor (every live cluster, and
+    any single per-tensor range) are returned bit for bit.
+    """
+    lo = np.asarray(xmin, dtype=np.float64)
+    hi = np.asarray(xmax, dtype=np.float64)
+    width = np.maximum(hi - lo, 0.0)
+    if width.size == 0:
+        return lo, hi
+    floor = width.max() * 2**bits / FLOOR_LEVELS
+    grow = np.where(width < floor, (floor - width) / 2, 0.0)
+    return np.where(grow > 0, lo - grow, lo), np.where(grow > 0, hi + grow, hi)
 
 
 def quantize(

@@ -32,6 +32,7 @@ INT4_MIN, INT4_MAX = -8, 7
 # the hidden-1024 one; bench/RESULTS.md, trt-outliers); 1 is the single per-row scale of the
 # first variant.
 DEFAULT_WEIGHT_GROUPS = 3
+GROUP_SCALE_FLOOR = np.float32(2.0**-8)  # of the row's widest group scale (requantize_grouped)
 
 
 def symmetric_max(bits: int) -> int:
@@ -150,14 +151,19 @@ def scale_groups(in_scale: NDArray[np.floating], count: int) -> NDArray[np.int64
 
 def requantize_grouped(
     weight: NDArray[np.floating],
-    in_scale: NDArray[np.floating],
+    in_scale: NDArray[np.floating] | None,
     bits: int,
     group_of: NDArray[np.int64],
 ) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
     """Symmetric codes of W·diag(in_scale) [out, in] with one scale per (group, output row).
 
     Group g's scale [g, out] is max|row over g's columns| / qmax (requantize_folded on those
-    columns); a group's graph GEMM multiplies its columns' codes (the others 0) by it.
+    columns); a group's graph GEMM multiplies its columns' codes (the others 0) by it. A
+    group's scale is at least the row's largest group scale / 2^8 (GROUP_SCALE_FLOOR): a
+    group of one or two near-zero columns (per-channel plans cut such groups) would otherwise
+    get a scale that flushes to 0 in a float16 graph; the columns are codes times the same
+    activation grid, so a floored group's rounding error stays 2^8 times below the row's
+    widest group's, and groups above the floor keep their codes.
     """
     folded = fold_input_scale(weight, in_scale)
     if group_of.shape != (folded.shape[1],):
@@ -165,11 +171,20 @@ def requantize_grouped(
     groups = int(group_of.max(initial=0)) + 1
     codes = np.zeros(folded.shape, np.int8)
     scale = np.ones((groups, folded.shape[0]), np.float32)
+    amax = np.zeros((groups, folded.shape[0]), np.float32)
+    for g in range(groups):
+        columns = group_of == g
+        if columns.any():
+            amax[g] = np.abs(folded[:, columns]).max(axis=1)
+    floor = (amax.max(axis=0) / np.float32(symmetric_max(bits)) * GROUP_SCALE_FLOOR).astype(
+        np.float32
+    )
     for g in range(groups):
         columns = group_of == g
         if not columns.any():
             continue
         scale[g] = symmetric_scale(folded[:, columns], bits)
+        scale[g] = np.where(amax[g] > 0, np.maximum(scale[g], floor), scale[g])
         codes[:, columns] = symmetric_codes(folded[:, columns], scale[g], bits)
     return codes, scale
 
@@ -201,18 +216,21 @@ def trt_weight(
     folded_scale: NDArray[np.floating] | None = None,
     may_requantize: bool = True,
     groups: int = DEFAULT_WEIGHT_GROUPS,
+    folded_groups: NDArray[np.integer] | None = None,
 ) -> SymmetricWeight:
     """The TensorRT variant's weight for one linear (float weight and plan codes both [out, in]).
 
     A plan calibrated for TensorRT (`folded_scale`, the input scale its symmetric codes were
     computed with) is used verbatim; its scale must be the activation scale the graph folds
-    (`in_scale`, same channel order). Otherwise, with an activation scale folded into the
-    input channels the plan's codes no longer apply and W·diag(in_scale) is re-quantized
-    symmetrically (round to nearest); without one the plan's codes are kept (shifted by their
-    zero points), unless a shifted code leaves INT8, in which case W itself is re-quantized
-    symmetrically, or, with `may_requantize` False (a plan whose codes must be kept: GPTQ,
-    LoRC, TensorRT-calibrated), a ValueError is raised. A folded re-quantization takes one
-    scale per output row and scale group (`scale_groups(in_scale, groups)`; 1: per row only).
+    (`in_scale`, same channel order), and with `folded_groups` (its group_index, same order)
+    its scale is the plan's [out, groups] and `groups` is not used. Otherwise, with an
+    activation scale folded into the input channels the plan's codes no longer apply and
+    W·diag(in_scale) is re-quantized symmetrically (round to nearest); without one the plan's
+    codes are kept (shifted by their zero points), unless a shifted code leaves INT8, in which
+    case W itself is re-quantized symmetrically, or, with `may_requantize` False (a plan whose
+    codes must be kept: GPTQ, LoRC, TensorRT-calibrated), a ValueError is raised. A folded
+    re-quantization takes one scale per output row and scale group
+    (`scale_groups(in_scale, groups)`; 1: per row only).
     """
     _check_rows(weight, "weight")
     if codes.shape != weight.shape:
@@ -224,11 +242,17 @@ def trt_weight(
             raise ValueError("the codes were calibrated with another input scale than the graph's")
         if np.any(np.asarray(zero) != 0):
             raise ValueError("codes calibrated for TensorRT must be symmetric (zero point 0)")
+        plan_scale = np.asarray(scale, np.float32)
+        group_of = None
+        if folded_groups is not None:
+            group_of = np.asarray(folded_groups, np.int64).copy()
+            plan_scale = plan_scale.T  # the plan's [out, groups] as [groups, out]
         return SymmetricWeight(
             np.asarray(codes, np.int8).copy(),
-            np.asarray(scale, np.float32).copy(),
+            np.ascontiguousarray(plan_scale).copy(),
             np.asarray(folded_scale, np.float32).copy(),
             True,
+            group_of,
         )
     if in_scale is None:
         shifted = shift_plan_codes(codes, zero)

@@ -12,8 +12,18 @@ of the PyTorch references against the FP model on random tokens (measured, seed-
 | W4A8 | 8.48 dB | 10.10 dB | 8.98 dB | 6.43 dB |
 | W4A4 | 6.87 dB | 7.61 dB | 6.93 dB | 5.34 dB |
 
-The one-scale form is the negative control: it must miss the bound. The exported graph of the
-default form is run in ONNX Runtime against its reference on the same model.
+Plans calibrated with `--target tensorrt` (weights quantized in the folded domain, what
+`rptq-export run MODEL --target tensorrt` does) store the same scale groups (the weight's
+group_index; Recipe.trt_weight_groups), measured on the same model:
+
+| recipe | TensorRT-calibrated RTN, 3 groups | 1 group | GPTQ, 3 groups | GPTQ, 1 group |
+| --- | ---: | ---: | ---: | ---: |
+| W4A8 | 10.07 dB | 6.42 dB | 12.58 dB | 8.62 dB |
+| W4A4 | 7.76 dB | 5.33 dB | 8.73 dB | 7.02 dB |
+
+The one-scale form is the negative control: it must miss the bound (for RTN; GPTQ's error
+feedback alone brings one group to the default target on this model). The exported graphs of
+the default forms are run in ONNX Runtime against their references on the same model.
 """
 
 import pytest
@@ -67,6 +77,27 @@ def plans(outlier_case):
     return out
 
 
+@pytest.fixture(scope="module")
+def trt_plans(outlier_case):
+    """The same recipes calibrated with `--target tensorrt`: (abits, method, groups) -> plan."""
+    model, calib, _, _ = outlier_case
+    out = {}
+    for abits, method, groups in ((8, "rtn", 3), (4, "rtn", 3), (8, "gptq", 3), (8, "rtn", 1)):
+        recipe = Recipe(
+            wbits=4,
+            abits=abits,
+            clusters=dict(TINY_CLUSTERS),
+            nsamples=calib.shape[0],
+            seq_len=SEQ_LEN,
+            calib_dataset="random",
+            weight_method=method,
+            target="trt",
+            trt_weight_groups=groups,
+        )
+        out[abits, method, groups] = calibrate(model, calib, recipe)
+    return out
+
+
 def _sqnrs(outlier_case, plan, groups: int) -> tuple[float, float]:
     model, _, evals, fp_logits = outlier_case
     default = sqnr_db(fp_logits, ReferenceModel(model, plan)(evals))
@@ -97,4 +128,43 @@ def test_the_exported_graph_computes_its_reference(outlier_case, plans):
     assert errors(check_model(graph, "trt")) == []
     got = OrtLogits(make_session(graph))(evals)
     want = TrtReferenceModel(model, plans[8])(evals)
+    assert sqnr_db(want, got) >= LOGITS_MIN_SQNR_DB
+
+
+@pytest.mark.parametrize(("abits", "method"), [(8, "rtn"), (4, "rtn"), (8, "gptq")])
+def test_tensorrt_calibrated_plan_is_within_1_db_of_the_default_target(
+    outlier_case, plans, trt_plans, abits, method
+):
+    """`run --target tensorrt`'s plans: the default target's RTN plan is the yardstick."""
+    model, _, evals, fp_logits = outlier_case
+    default = sqnr_db(fp_logits, ReferenceModel(model, plans[abits])(evals))
+    plan = trt_plans[abits, method, DEFAULT_WEIGHT_GROUPS]
+    assert plan.recipe.trt_weight_groups == DEFAULT_WEIGHT_GROUPS
+    assert any(w.group_index is not None for w in plan.weights)
+    variant = sqnr_db(fp_logits, TrtReferenceModel(model, plan)(evals))
+    assert variant >= default - TRT_OUTLIER_MAX_LOSS_DB, (
+        f"W4A{abits} {method} calibrated for TensorRT {variant:.2f} dB, default {default:.2f} dB"
+    )
+
+
+def test_tensorrt_calibrated_one_group_misses_the_bound(outlier_case, plans, trt_plans):
+    """Negative control: the same calibration with one scale per row (the plans before groups)."""
+    model, _, evals, fp_logits = outlier_case
+    default = sqnr_db(fp_logits, ReferenceModel(model, plans[8])(evals))
+    plan = trt_plans[8, "rtn", 1]
+    assert all(w.group_index is None for w in plan.weights)
+    variant = sqnr_db(fp_logits, TrtReferenceModel(model, plan)(evals))
+    assert variant < default - TRT_OUTLIER_MAX_LOSS_DB, f"{variant:.2f} vs {default:.2f} dB"
+
+
+@pytest.mark.parametrize("key", [(8, "rtn", 3), (8, "gptq", 3)], ids=["rtn", "gptq"])
+def test_the_tensorrt_calibrated_graph_computes_its_reference(outlier_case, trt_plans, key):
+    model, _, evals, _ = outlier_case
+    plan = trt_plans[key]
+    graph = quantized_graph(model, plan, target="trt")
+    assert errors(check_model(graph, "trt")) == []
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"Split", "Sum"} <= ops  # the grouped one-GEMM form
+    got = OrtLogits(make_session(graph))(evals)
+    want = TrtReferenceModel(model, plan)(evals)
     assert sqnr_db(want, got) >= LOGITS_MIN_SQNR_DB

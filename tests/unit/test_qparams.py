@@ -10,6 +10,7 @@ from rptq.quant.qparams import (
     affine_params,
     container_bits,
     fake_quant,
+    floor_cluster_ranges,
     grid_bounds,
     quantize,
     quantize_rows,
@@ -89,3 +90,23 @@ def test_quantize_rows_matches_per_row_params():
         assert scale[r] == s[0]
         assert zero[r] == z[0]
         np.testing.assert_array_equal(codes[r], quantize(w[r], s, z, 4))
+
+
+def test_cluster_range_floor_widens_only_ranges_below_it():
+    """floor_cluster_ranges: ranges whose scale is >= the widest range / 2^16 come back bit for
+    bit; a dead one (and a near-dead one) is widened about its midpoint to exactly that."""
+    lo = np.array([-1.3, 0.0, 0.0, 0.01, 0.2])
+    hi = np.array([2.1, 0.0, 1e-3, 0.03, 0.2 + 3.4 / 200])
+    for bits, floored in ((8, [1, 2]), (4, [1])):
+        new_lo, new_hi = floor_cluster_ranges(lo, hi, bits)
+        floor = 3.4 * 2**bits / 2**16
+        live = [i for i in range(5) if i not in floored]
+        np.testing.assert_array_equal(new_lo[live], lo[live])
+        np.testing.assert_array_equal(new_hi[live], hi[live])
+        np.testing.assert_allclose(new_hi[floored] - new_lo[floored], floor, rtol=1e-12)
+        np.testing.assert_allclose((new_hi + new_lo)[floored], (hi + lo)[floored], atol=1e-15)
+        scale, _ = affine_params(new_lo, new_hi, bits)
+        assert scale.min() >= 3.4 / 2**16 * (1 - 1e-6)
+    one_lo, one_hi = floor_cluster_ranges(lo[:1], hi[:1], 4)  # per tensor: unchanged
+    assert one_lo[0] == lo[0]
+    assert one_hi[0] == hi[0]

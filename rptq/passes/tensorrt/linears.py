@@ -298,6 +298,7 @@ def _weight(
     codes = np.ascontiguousarray(quant.codes.T[np.ix_(*order)])
     scale, zero = quant.scale[order[1]], quant.zero[order[1]]
     folded = None if quant.folded_scale is None else quant.folded_scale[order[0]]
+    groups = None if quant.group_index is None else quant.group_index[order[0]]
     w32 = np.asarray(weight.values, np.float32)
     may_requantize = fold.plan.recipe.target is Target.ORT and quant.lorc is None
     try:
@@ -311,6 +312,7 @@ def _weight(
             folded,
             may_requantize,
             fold.weight_groups,
+            groups,
         )
     except ValueError as exc:
         raise PlanError(
