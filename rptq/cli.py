@@ -156,6 +156,19 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
         help="with --target tensorrt: INT4 weights in blocks of this many input channels "
         "(default: INT8 per output channel)",
     )
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="write the prefill-only graph (input_ids, attention_mask -> logits) instead of the "
+        "decoder with a KV cache (docs/graph.md)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=["float", "int8", "uint8"],
+        default="float",
+        help="type of the KV cache inputs/outputs: float (the export dtype), or int8/uint8: the "
+        "plan's K/V codes, 1 byte per element (needs quantized K/V; ONNX Runtime target)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 

@@ -161,7 +161,24 @@ def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
     """The export flags of `run` and `export` as one ExportOptions."""
     from rptq.exporter.options import ExportOptions
 
-    return ExportOptions(args.dtype, args.opset, target, args.int4_block or 0, force=args.force)
+    return ExportOptions(
+        args.dtype,
+        args.opset,
+        target,
+        args.int4_block or 0,
+        force=args.force,
+        past=not args.no_cache,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
+
+
+def _cache_summary(options: ExportOptions) -> str:
+    """The summary's `kv cache` line: what the graph's cache inputs/outputs hold."""
+    if not options.past:
+        return "none (prefill-only graph, --no-cache)"
+    if options.kv_cache_dtype == "float":
+        return f"{options.dtype} (past_key_values.* -> present.*)"
+    return f"{options.kv_cache_dtype} codes of the plan's K/V grid, 1 byte per element"
 
 
 def _export_summary(
@@ -187,6 +204,12 @@ def cmd_run(args: argparse.Namespace) -> Summary:
     output = Path(args.output)
     check_output(output, args.force)
     target = _pass_target(args)
+    options = _export_options(args, target)
+    if options.kv_cache_dtype != "float" and args.abits >= 16 and not args.plan:
+        raise ConfigError(
+            f"--kv-cache-dtype {options.kv_cache_dtype} stores quantized K/V, but --abits "
+            f"{args.abits} leaves them float; use --abits 8 or lower, or --kv-cache-dtype float"
+        )
     info: Summary = {}
     if args.plan:
         model = load_model(args.model)
@@ -198,8 +221,12 @@ def cmd_run(args: argparse.Namespace) -> Summary:
             "calibrated in this run, kept in memory (not saved: `calibrate -o DIR` saves one)"
         )
     with stage(4, 4, f"exporting {output}"):
-        summary = export_onnx(model, plan, output, _export_options(args, target))
-    return {**_export_summary(summary, plan, target, plan_where), **info}
+        summary = export_onnx(model, plan, output, options)
+    return {
+        **_export_summary(summary, plan, target, plan_where),
+        "kv cache": _cache_summary(options),
+        **info,
+    }
 
 
 def cmd_export(args: argparse.Namespace) -> Summary:
@@ -210,14 +237,18 @@ def cmd_export(args: argparse.Namespace) -> Summary:
     output = Path(args.output)
     check_output(output, args.force)
     target = _pass_target(args)
+    options = _export_options(args, target)
     plan: QuantPlan | None = None
     with stage(1, 2, f"loading {args.model}" + (f" and plan {args.plan}" if args.plan else "")):
         model = load_model(args.model)
         if args.plan:
             plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
     with stage(2, 2, f"exporting {output}"):
-        summary = export_onnx(model, plan, output, _export_options(args, target))
-    return _export_summary(summary, plan, target, args.plan)
+        summary = export_onnx(model, plan, output, options)
+    return {
+        **_export_summary(summary, plan, target, args.plan),
+        "kv cache": _cache_summary(options),
+    }
 
 
 def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -58,6 +58,11 @@ SCHEMA_VERSION = 1
 PLAN_JSON = "plan.json"
 PLAN_TENSORS = "tensors.safetensors"
 ABITS_CHOICES = (3, 4, 8, 16)
+
+
+# The with-past graph's cache type (rptq.exporter.options, rptq.passes.kv_cache): the export's
+# float type, or the plan's K/V codes in one byte
+KvCacheDtype = Literal["float", "int8", "uint8"]
 
 
 class Target(StrEnum):

@@ -15,10 +15,10 @@ import onnx
 import torch
 
 from rptq.calib.runner import calibrate
-from rptq.exporter.options import ExportDtype, ExportOptions, KvCacheDtype
+from rptq.exporter.options import ExportDtype, ExportOptions
 from rptq.log import Progress
 from rptq.model.load import LoadedModel
-from rptq.plan import QuantPlan, Recipe, Target
+from rptq.plan import KvCacheDtype, QuantPlan, Recipe, Target
 from rptq.runtime.perplexity import PerplexityResult, perplexity
 
 log = logging.getLogger(__name__)

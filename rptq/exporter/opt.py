@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,16 +23,27 @@ from onnx import TensorProto, helper, numpy_helper
 import rptq
 from rptq import names
 from rptq.errors import ConfigError
-from rptq.exporter.options import ExportDtype, KvCacheDtype
+from rptq.exporter.graph_io import (
+    ONNX_DTYPES,
+    PREFILL_INPUTS,
+    cache_dtype,
+    cache_infos,
+    hidden_info,
+    logits_info,
+    mask_info,
+    token_inputs,
+)
+from rptq.exporter.options import ExportDtype
 from rptq.model.forward import LN_EPS, POSITION_OFFSET, LayerWeights, read_layer
 from rptq.model.load import LoadedModel
 from rptq.model.shape import OptShape
 from rptq.model.weights import EMBED_POSITIONS, EMBED_TOKENS, FINAL_LN, LM_HEAD
+from rptq.plan import KvCacheDtype
 from rptq.points import Act
 
 MIN_OPSET, MAX_OPSET = 21, 25  # Q/DQ with INT4/INT16 needs 21; TensorRT 11 parses up to 25
 _NP_DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float16": np.float16}
-_ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
 
 # metadata_props keys written on every exported model
 META_VERSION = "rptq.version"
@@ -43,14 +54,6 @@ META_CONFIG_HASH = "rptq.config_hash"
 # written on with-past graphs only (prefill exports keep their bytes)
 META_PAST = "rptq.past"
 META_KV_CACHE_DTYPE = "rptq.kv_cache_dtype"
-
-# dim params of the with-past graph, spelled as optimum and onnxruntime-genai spell them
-DIM_BATCH = "batch_size"
-DIM_SEQUENCE = "sequence_length"
-DIM_PAST = "past_sequence_length"
-DIM_TOTAL = "total_sequence_length"
-PREFILL_INPUTS = (names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK)
-PAST_TOKEN_INPUTS = (*PREFILL_INPUTS, names.GRAPH_POSITION_IDS)
 
 
 def output_name(module_path: str, role: str) -> str:
@@ -394,66 +397,6 @@ def layer_input(index: int) -> str:
     return names.tensor(names.layer(index - 1), "output")
 
 
-def _dims(past: bool) -> tuple[str, str]:
-    """(batch, sequence) dim params: the prefill graph's, or optimum's spelling with past."""
-    return (DIM_BATCH, DIM_SEQUENCE) if past else ("batch", "sequence")
-
-
-def _hidden_info(
-    name: str, dtype: ExportDtype, shape: OptShape, past: bool = False
-) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(
-        name, _ONNX_DTYPES[dtype], [*_dims(past), shape.hidden_size]
-    )
-
-
-def _mask_info(dtype: ExportDtype, past: bool = False) -> onnx.ValueInfoProto:
-    batch, sequence = _dims(past)
-    return helper.make_tensor_value_info(
-        names.tensor(names.MASK_MODULE, "output"),
-        _ONNX_DTYPES[dtype],
-        [batch, 1, sequence, DIM_TOTAL if past else sequence],
-    )
-
-
-def _token_inputs(past: bool = False) -> list[onnx.ValueInfoProto]:
-    if not past:
-        return [
-            helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "sequence"])
-            for name in PREFILL_INPUTS
-        ]
-    dims = {
-        names.GRAPH_INPUT_IDS: [DIM_BATCH, DIM_SEQUENCE],
-        names.GRAPH_ATTENTION_MASK: [DIM_BATCH, DIM_TOTAL],
-        names.GRAPH_POSITION_IDS: [DIM_BATCH, DIM_SEQUENCE],
-    }
-    return [helper.make_tensor_value_info(n, TensorProto.INT64, d) for n, d in dims.items()]
-
-
-def cache_infos(
-    index: int, dtype: ExportDtype, shape: OptShape
-) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    """(past inputs, present outputs) of decoder layer `index`: key then value, float cache."""
-    heads, head_dim = shape.num_heads, shape.head_dim
-    elem = _ONNX_DTYPES[dtype]
-
-    def info(name: str, length: str) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, elem, [DIM_BATCH, heads, length, head_dim])
-
-    inputs = [info(names.past_key(index), DIM_PAST), info(names.past_value(index), DIM_PAST)]
-    outputs = [
-        info(names.present_key(index), DIM_TOTAL),
-        info(names.present_value(index), DIM_TOTAL),
-    ]
-    return inputs, outputs
-
-
-def _logits_info(dtype: ExportDtype, shape: OptShape, past: bool = False) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(
-        names.GRAPH_LOGITS, _ONNX_DTYPES[dtype], [*_dims(past), shape.vocab_size]
-    )
-
-
 def _model_proto(
     g: _GraphBuilder,
     model: LoadedModel,
@@ -501,16 +444,6 @@ def _model_proto(
     return proto
 
 
-def _cache_dtype(past: bool, kv_cache_dtype: KvCacheDtype) -> KvCacheDtype | None:
-    if kv_cache_dtype not in get_args(KvCacheDtype):
-        raise ConfigError(f"kv cache dtype {kv_cache_dtype!r} is not one of float, int8, uint8")
-    if not past and kv_cache_dtype != "float":
-        raise ConfigError(
-            f"--kv-cache-dtype {kv_cache_dtype} needs the KV-cache graph; drop --no-cache"
-        )
-    return kv_cache_dtype if past else None
-
-
 def build_fp_graph(
     model: LoadedModel,
     dtype: ExportDtype = "float32",
@@ -527,9 +460,9 @@ def build_fp_graph(
     recorded in the metadata here: the integer cache is made by a pass (rptq.passes.kv_cache).
     """
     _check_args(model, dtype, opset)
-    cache = _cache_dtype(past, kv_cache_dtype)
+    cache = cache_dtype(past, kv_cache_dtype)
     shape = model.shape
-    inputs, outputs = _token_inputs(past), [_logits_info(dtype, shape, past)]
+    inputs, outputs = token_inputs(past), [logits_info(dtype, shape, past)]
     for index in range(shape.num_layers if past else 0):
         past_infos, present_infos = cache_infos(index, dtype, shape)
         inputs += past_infos
@@ -561,12 +494,12 @@ def prologue_fragment(
 ) -> onnx.ModelProto:
     """Embeddings and the additive mask: input_ids, attention_mask -> hidden, mask."""
     _check_args(model, dtype, opset)
-    cache = _cache_dtype(past, kv_cache_dtype)
-    inputs = _token_inputs(past)
+    cache = cache_dtype(past, kv_cache_dtype)
+    inputs = token_inputs(past)
     g = _GraphBuilder(dtype, tuple(info.name for info in inputs))
     hidden = _embeddings(g, model, past)
     _additive_mask(g, past)
-    outputs = [_hidden_info(hidden, dtype, model.shape, past), _mask_info(dtype, past)]
+    outputs = [hidden_info(hidden, dtype, model.shape, past), mask_info(dtype, past)]
     return _model_proto(g, model, dtype, opset, inputs, outputs, cache)
 
 
@@ -581,17 +514,17 @@ def layer_fragment(
     """Decoder layer `index` alone: its input hidden state and the mask (and its cache) -> its
     output (and its present)."""
     _check_args(model, dtype, opset)
-    cache = _cache_dtype(past, kv_cache_dtype)
+    cache = cache_dtype(past, kv_cache_dtype)
     shape = model.shape
-    mask = _mask_info(dtype, past)
-    inputs = [_hidden_info(layer_input(index), dtype, shape, past), mask]
+    mask = mask_info(dtype, past)
+    inputs = [hidden_info(layer_input(index), dtype, shape, past), mask]
     past_infos, present_infos = cache_infos(index, dtype, shape) if past else ([], [])
     inputs += past_infos
     g = _GraphBuilder(dtype, inputs=tuple(info.name for info in inputs))
     weights = read_layer(model.weights, index, dtype=torch.float32)
     hidden = _decoder_layer(g, index, layer_input(index), weights, mask.name, shape, past)
     del weights
-    outputs = [_hidden_info(hidden, dtype, shape, past), *present_infos]
+    outputs = [hidden_info(hidden, dtype, shape, past), *present_infos]
     return _model_proto(g, model, dtype, opset, inputs, outputs, cache)
 
 
@@ -604,19 +537,19 @@ def head_fragment(
 ) -> onnx.ModelProto:
     """Final LayerNorm and LM head: the last layer's output -> logits."""
     _check_args(model, dtype, opset)
-    cache = _cache_dtype(past, kv_cache_dtype)
+    cache = cache_dtype(past, kv_cache_dtype)
     shape = model.shape
     hidden = layer_input(shape.num_layers)
     # a tied head reads the prologue's token embedding: an input of this fragment
     table = helper.make_tensor_value_info(
         names.weight(names.EMBED_TOKENS),
-        _ONNX_DTYPES[dtype],
+        ONNX_DTYPES[dtype],
         [shape.vocab_size, shape.hidden_size],
     )
     g = _GraphBuilder(dtype, inputs=(hidden, table.name))
     _head(g, model, hidden)
-    inputs = [_hidden_info(hidden, dtype, shape, past)]
+    inputs = [hidden_info(hidden, dtype, shape, past)]
     if any(table.name in node.input for node in g.nodes):
         inputs.append(table)
-    outputs = [_logits_info(dtype, shape, past)]
+    outputs = [logits_info(dtype, shape, past)]
     return _model_proto(g, model, dtype, opset, inputs, outputs, cache)

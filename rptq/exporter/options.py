@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from rptq.errors import ConfigError
-from rptq.plan import Target
+from rptq.plan import KvCacheDtype, Target
 
 ExportDtype = Literal["float32", "float16"]
-# the cache tensors' dtype in the with-past graph: the export dtype, or the plan's K/V codes
-KvCacheDtype = Literal["float", "int8", "uint8"]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
 
 from rptq.errors import ConfigError, GraphPatternError
-from rptq.exporter.options import KvCacheDtype
-from rptq.plan import QuantPlan, ReorderSite, Target
+from rptq.plan import KvCacheDtype, QuantPlan, ReorderSite, Target
 
 OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
 INT4_BLOCK_SIZES = (64, 128)  # TensorRT's INT4 weight blocks (docs/tensorrt-rules.md)

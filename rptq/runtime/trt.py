@@ -141,21 +141,37 @@ def _profile(builder: Any, network: Any, options: EngineOptions) -> Any | None:
     """One profile: dynamic batch/sequence dims range from 1 to the maxima (None if static).
 
     rptq graphs take [batch, sequence] ids and masks with both dims dynamic; static dims keep
-    their size, and any other dynamic input shape is refused rather than guessed.
+    their size, and any other dynamic input shape is refused rather than guessed. A
+    decoder-with-past graph also takes position_ids [batch, S] and the cache [batch, heads, P,
+    head_dim]: S ranges over 1..max, P over 0..max - 1 and the mask's P + S over 1..max, with
+    the optimum at a decode step (S = 1, P + 1 = the optimum length), what generation runs most.
     """
     profile = builder.create_optimization_profile()
     opt_seq = options.opt_seq_len or options.max_seq_len
-    ranges = ((1, options.max_batch, options.max_batch), (1, opt_seq, options.max_seq_len))
+    batch = (1, options.max_batch, options.max_batch)
+    inputs = [network.get_input(index) for index in range(network.num_inputs)]
+    with_past = any(tensor.name.startswith(names.PAST_PREFIX) for tensor in inputs)
+    full = (1, opt_seq, options.max_seq_len)
+    new_tokens = (1, 1, options.max_seq_len) if with_past else full
+    seq_ranges = {
+        names.GRAPH_INPUT_IDS: new_tokens,
+        names.GRAPH_POSITION_IDS: new_tokens,
+        names.GRAPH_ATTENTION_MASK: full,
+    }
+    past = (0, opt_seq - 1, options.max_seq_len - 1)
     dynamic = False
-    for index in range(network.num_inputs):
-        tensor = network.get_input(index)
+    for tensor in inputs:
         shape = tuple(int(d) for d in tensor.shape)
         if all(d >= 0 for d in shape):
             continue
-        if len(shape) != 2:
+        if tensor.name.startswith(names.PAST_PREFIX) and len(shape) == 4:
+            ranges: tuple[tuple[int, int, int], ...] = (batch, (0, 0, 0), past, (0, 0, 0))
+        elif len(shape) == 2:
+            ranges = (batch, seq_ranges.get(tensor.name, full))
+        else:
             raise TargetRuleError(
                 f"input {tensor.name} has dynamic shape {shape}; rptq engines take "
-                "[batch, sequence] inputs"
+                "[batch, sequence] inputs (and [batch, heads, past, head_dim] caches)"
             )
         bounds = [(d, d, d) if d >= 0 else r for d, r in zip(shape, ranges, strict=True)]
         smallest, optimum, largest = (tuple(b[i] for b in bounds) for i in range(3))
@@ -256,6 +272,11 @@ class TrtLogits:
         self.input_names = [n for n in io if is_input[n]]
         self.output_names = [n for n in io if not is_input[n]]
         expected = {names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK}
+        if any(n.startswith(names.PAST_PREFIX) for n in self.input_names):
+            raise ConfigError(
+                f"{path} is a KV-cache (with-past) engine; perplexity runs prefill engines: "
+                "export the model with --no-cache and build the engine from that"
+            )
         if set(self.input_names) != expected or names.GRAPH_LOGITS not in self.output_names:
             raise ConfigError(
                 f"{path} has inputs {self.input_names} and outputs {self.output_names}; "

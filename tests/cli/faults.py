@@ -219,6 +219,23 @@ FAULTS: tuple[Fault, ...] = (
     Fault("int4-block-ort", "--int4-block without --target tensorrt",
           ("export", "{model}", "-o", "{tmp}/out.onnx", "--int4-block", "64"),
           "--int4-block applies to --target tensorrt only"),
+    Fault("kv-int-no-cache", "integer KV cache with the prefill-only graph",
+          ("export", "{model}", "-o", "{tmp}/out.onnx", "--no-cache", "--kv-cache-dtype", "int8"),
+          "--kv-cache-dtype int8 needs the KV-cache graph; drop --no-cache or use --kv-cache-dtype float"),
+    Fault("kv-int-trt", "integer KV cache for TensorRT",
+          ("export", "{model}", "--plan", "{plan}", "-o", "{tmp}/out.onnx", "--target", "tensorrt",
+           "--kv-cache-dtype", "int8"),
+          "--kv-cache-dtype int8 is for the ONNX Runtime target only (TensorRT keeps a float cache); "
+          "use --kv-cache-dtype float with --target tensorrt"),
+    Fault("kv-int-fp", "integer KV cache without a plan",
+          ("export", "{model}", "-o", "{tmp}/out.onnx", "--kv-cache-dtype", "uint8"),
+          "--kv-cache-dtype uint8 stores the plan's K/V codes, but layer 0's k is not quantized to "
+          "8 bits or fewer; quantize K/V (--abits 8 or lower, or --only-quant-kv) or use "
+          "--kv-cache-dtype float"),
+    Fault("kv-int-a16", "integer KV cache with float activations",
+          ("{model}", "-o", "{tmp}/out.onnx", "--kv-cache-dtype", "int8"),
+          "--kv-cache-dtype int8 stores quantized K/V, but --abits 16 leaves them float; use "
+          "--abits 8 or lower, or --kv-cache-dtype float"),
     Fault("kv-only-a16", "--only-quant-kv with float activations", (*CAL, "--only-quant-kv"),
           "--only-quant-kv needs --abits 3, 4 or 8"),
     Fault("lorc-negative", "negative LoRC rank", (*CAL, "--lorc-rank", "-1"),

@@ -111,13 +111,30 @@ def hash_plans(tiny_loaded):
     return stand_in_plans(tiny_loaded)
 
 
-def export_digests(loaded, plan, target, dtype, block, directory: Path) -> tuple[str, str, str]:
+def export_digests(
+    loaded, plan, target, dtype, block, directory: Path, past: bool = False, cache: str = "float"
+) -> tuple[str, str, str]:
     """Digests of the streamed export (model, external data) and of the whole graph, inline."""
     streamed = directory / "streamed.onnx"
-    options = ExportOptions(dtype, target=target, int4_block_size=block, external_data=True)
+    options = ExportOptions(
+        dtype,
+        target=target,
+        int4_block_size=block,
+        external_data=True,
+        past=past,
+        kv_cache_dtype=cache,
+    )
     files = export_streamed(loaded, plan, streamed, options).files
     assert sorted(p.name for p in files) == ["streamed.onnx", "streamed.onnx.data"]
-    whole = quantized_graph(loaded, plan, dtype=dtype, target=target, int4_block_size=block)
+    whole = quantized_graph(
+        loaded,
+        plan,
+        dtype=dtype,
+        target=target,
+        int4_block_size=block,
+        past=past,
+        kv_cache_dtype=cache,
+    )
     inline = save_onnx(whole, directory / "whole.onnx", external_data=False)
     assert len(inline) == 1
     return (
@@ -141,3 +158,37 @@ def test_export_bytes_are_pinned(case, tiny_loaded, hash_plans, tmp_path):
         print(f'\n    "{case}": {got!r},')
         return
     assert got == EXPECTED[case], f"{case}: export bytes changed: {got}"
+
+
+# The decoder-with-past graph (docs/graph.md, "Decoder with past"): (plan, target, dtype, cache)
+PAST_CASES = {
+    "past-FP": ("FP", "ort", "float32", "float"),
+    "past-W4A4KV": ("W4A4KV", "ort", "float32", "float"),
+    "past-W4A4KV-int8": ("W4A4KV", "ort", "float32", "int8"),
+    "past-trt-W4A4-fp16": ("W4A4", "trt", "float16", "float"),
+}
+# the external data equals the prefill export's of the same plan: the same weights, in order
+PAST_EXPECTED: dict[str, tuple[str, str, str]] = {
+    "past-FP": ("0f01d0724e5302ee", "620a5194ec7fe0a3", "2bfe956d9dacb8b5"),
+    "past-W4A4KV": ("e810cfe1d2adb01f", "f166c114a9286f19", "e521d1f6ed60d1f5"),
+    "past-W4A4KV-int8": ("5c4bed6191687283", "f166c114a9286f19", "a24c8e098e9c7390"),
+    "past-trt-W4A4-fp16": ("7c0bf6bf9cdf64d3", "1f3988a39265349d", "ce2c30e969270c93"),
+}
+
+
+def test_every_past_case_is_pinned():
+    if os.environ.get("RPTQ_PRINT_HASHES"):
+        pytest.skip("printing the hash table instead (RPTQ_PRINT_HASHES)")
+    assert sorted(PAST_EXPECTED) == sorted(PAST_CASES)
+
+
+@pytest.mark.parametrize("case", sorted(PAST_CASES))
+def test_past_export_bytes_are_pinned(case, tiny_loaded, hash_plans, tmp_path):
+    plan_label, target, dtype, cache = PAST_CASES[case]
+    got = export_digests(
+        tiny_loaded, hash_plans[plan_label], target, dtype, 0, tmp_path, past=True, cache=cache
+    )
+    if os.environ.get("RPTQ_PRINT_HASHES"):
+        print(f'\n    "{case}": {got!r},')
+        return
+    assert got == PAST_EXPECTED[case], f"{case}: export bytes changed: {got}"

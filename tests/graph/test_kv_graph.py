@@ -15,7 +15,7 @@ from rptq.exporter.opt import META_KV_CACHE_DTYPE, META_PAST
 from rptq.exporter.options import ExportOptions
 from rptq.runtime.decode import DecoderSession, greedy, is_with_past, position_ids
 from rptq.runtime.ort import OrtLogits, make_session
-from tests.tolerances import INCREMENTAL_FP32_ATOL, INCREMENTAL_FP32_RTOL
+from tests.tolerances import INCREMENTAL_FP16_ATOL, INCREMENTAL_FP32_ATOL, INCREMENTAL_FP32_RTOL
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,19 @@ def test_incremental_equals_prefill_fp32(past_graph, fp32_graph, padded_batch, o
     assert_close_on_tokens(got, full, mask)
 
 
+def test_incremental_equals_prefill_fp16(tiny_loaded, fp16_graph, padded_batch):
+    ids, mask = padded_batch
+    decoder = DecoderSession(make_session(build_fp_graph(tiny_loaded, "float16", past=True)))
+    assert decoder.cache_dtype == np.float16
+    full = make_session(fp16_graph).run(
+        None, {names.GRAPH_INPUT_IDS: ids, names.GRAPH_ATTENTION_MASK: mask}
+    )[0]
+    got = incremental_logits(decoder, ids, mask, prefix=3)
+    real = mask.astype(bool)
+    diff = np.abs(got[real].astype(np.float32) - full[real].astype(np.float32)).max()
+    assert diff <= INCREMENTAL_FP16_ATOL, diff
+
+
 def test_position_ids_off_by_one_fails(past_graph, fp32_graph, padded_batch):
     """Negative control: the incremental comparison notices positions shifted by one."""
     ids, mask = padded_batch
@@ -193,3 +206,51 @@ def test_kv_cache_dtype_needs_the_cache_graph():
         ExportOptions(past=True, kv_cache_dtype="int8", target="trt")
     with pytest.raises(ConfigError, match="float, int8 or uint8"):
         ExportOptions(past=True, kv_cache_dtype="int4")  # type: ignore[arg-type]
+
+
+# --- every weight method and the TensorRT variant on the with-past graph ----------------------
+
+METHOD_CASES = [
+    ("GPTQ", "ort"),
+    ("GPTQT", "ort"),
+    ("LoRC", "ort"),
+    ("GPTQT-LoRC8", "ort"),
+    ("W4A4-groups", "ort"),
+    ("W3A3KV", "ort"),
+    ("W4A16", "ort"),
+    ("W4A4", "trt"),
+    ("W4A4-trt-calibrated", "trt"),
+]
+
+
+@pytest.fixture(scope="module")
+def method_plans(tiny_loaded):
+    from tests.plans import stand_in_plans
+
+    return stand_in_plans(tiny_loaded)
+
+
+@pytest.mark.parametrize(("label", "target"), METHOD_CASES)
+def test_every_method_decodes_like_its_prefill_graph(
+    label, target, tiny_loaded, method_plans, padded_batch
+):
+    from rptq.runtime.parity import sqnr_db
+    from rptq.workflow import quantized_graph
+    from tests.tolerances import INCREMENTAL_QDQ_MIN_SQNR_DB
+
+    ids, mask = padded_batch
+    plan = method_plans[label]
+    prefill = quantized_graph(tiny_loaded, plan, target=target)
+    with_past = quantized_graph(tiny_loaded, plan, target=target, past=True)
+    onnx.checker.check_model(with_past, full_check=True)
+    full = make_session(prefill).run(
+        None, {names.GRAPH_INPUT_IDS: ids, names.GRAPH_ATTENTION_MASK: mask}
+    )[0]
+    got = incremental_logits(DecoderSession(make_session(with_past)), ids, mask, prefix=4)
+    real = np.nonzero(mask.astype(bool))
+    worst = min(sqnr_db(full[b, t], got[b, t]) for b, t in zip(*real, strict=True))
+    assert worst >= INCREMENTAL_QDQ_MIN_SQNR_DB, f"{label} {target}: {worst:.1f} dB"
+    if target == "trt":
+        from rptq.check.rules import check_model, errors
+
+        assert errors(check_model(with_past, "trt")) == []

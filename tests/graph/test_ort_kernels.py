@@ -48,10 +48,25 @@ def kept_on_purpose(plan) -> set[str]:
     return kept
 
 
-@pytest.mark.parametrize("label", sorted(RECIPES))
-def test_every_weight_runs_as_an_integer_matmul(label, tiny_loaded, calibrate_tiny):
+# the prefill graph, the decoder with past and (where K/V are quantized) its integer cache
+GRAPHS = {
+    "prefill": {},
+    "past": {"past": True},
+    "past-int8": {"past": True, "kv_cache_dtype": "int8"},
+}
+KERNEL_CASES = [
+    (label, graph)
+    for label in sorted(RECIPES)
+    for graph in GRAPHS
+    if graph != "past-int8" or RECIPES[label].get("abits", 16) <= 8
+]
+
+
+@pytest.mark.parametrize(("label", "graph"), KERNEL_CASES)
+def test_every_weight_runs_as_an_integer_matmul(label, graph, tiny_loaded, calibrate_tiny):
     plan = calibrate_tiny(**RECIPES[label])
-    report = kernel_report(quantized_graph(tiny_loaded, plan))
+    options = GRAPHS[graph]
+    report = kernel_report(quantized_graph(tiny_loaded, plan, **options))
     left = set(report.float_weight_dequantize) - kept_on_purpose(plan)
     assert not left, f"{label}: ORT dequantizes these weights to float on every call: {left}"
     layers = tiny_loaded.shape.num_layers

@@ -237,3 +237,50 @@ def test_integer_cache_needs_quantized_kv(tiny_loaded, calibrate_tiny):
     no_v = dataclasses.replace(plan, acts=tuple(a for a in plan.acts if a.act is not Act.V))
     with pytest.raises(ConfigError, match=r"layer 0's .*v"):
         quantized_graph(tiny_loaded, no_v, past=True, kv_cache_dtype="int8")
+
+
+# --- the reference's incremental path -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", ["FP", "W4A4"])
+def test_reference_step_equals_the_full_reference(label, tiny_loaded, calibrate_tiny, batch):
+    ids, mask = (torch.from_numpy(a) for a in batch)
+    plan = None if label == "FP" else calibrate_tiny(**RECIPES[label])
+    reference = ReferenceModel(tiny_loaded, plan)
+    full = reference(ids, mask).numpy()
+    cache = None
+    steps = []
+    for t in range(ids.shape[1]):
+        logits, cache = reference.step(ids[:, t : t + 1], mask[:, : t + 1], cache)
+        steps.append(logits)
+    got = torch.cat(steps, dim=1).numpy()
+    real = batch[1].astype(bool)
+    if plan is None:
+        np.testing.assert_allclose(
+            got[real], full[real], atol=INCREMENTAL_FP32_ATOL, rtol=INCREMENTAL_FP32_RTOL
+        )
+    else:
+        assert min(position_sqnrs(full, got, batch[1])) >= INCREMENTAL_QDQ_MIN_SQNR_DB
+    assert [tuple(k.shape) for k, _ in cache] == [(2, 4, ids.shape[1], 16)] * 2
+
+
+def test_reference_cache_in_graph_order(tiny_loaded, calibrate_tiny, batch):
+    """With a fold-only plan (R2/R3 permute the cache channels, nothing is quantized) the
+    graph's float cache is the reference's, permuted by cache_in_graph_order."""
+    from tests.tolerances import FOLD_ATOL
+
+    ids, mask = batch
+    plan = calibrate_tiny(**RECIPES["W4A4"])
+    fold_only = dataclasses.replace(plan, acts=(), weights=())
+    decoder = DecoderSession(make_session(quantized_graph(tiny_loaded, fold_only, past=True)))
+    _, graph_cache = decoder.step(ids, mask, decoder.empty_cache(2))
+    _, ref_cache = ReferenceModel(tiny_loaded, fold_only).step(
+        torch.from_numpy(ids), torch.from_numpy(mask)
+    )
+    for layer in range(tiny_loaded.shape.num_layers):
+        for slot, role in enumerate(("key", "value")):
+            original = ref_cache[layer][slot].numpy()
+            mapped = cache_in_graph_order(original, fold_only, layer, role)
+            np.testing.assert_allclose(graph_cache[layer][slot], mapped, atol=FOLD_ATOL)
+            # the permutation matters: the unmapped cache is another tensor
+            assert np.abs(graph_cache[layer][slot] - original).max() > 100 * FOLD_ATOL

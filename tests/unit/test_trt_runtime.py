@@ -303,3 +303,36 @@ def test_other_dynamic_inputs_are_refused(fake_trt, tmp_path):
     fake_trt(shape=(-1, 4, -1))
     with pytest.raises(TargetRuleError, match=r"\[batch, sequence\]"):
         rtrt.build_engine(tiny_onnx(tmp_path / "m.onnx"), tmp_path / "e", rtrt.EngineOptions())
+
+
+def test_profile_of_a_with_past_graph():
+    """Past inputs get min/opt/max shapes: P from 0, the optimum at a decode step."""
+    recorded = {}
+
+    class Profile:
+        def set_shape(self, name, smallest, optimum, largest) -> None:
+            recorded[name] = (smallest, optimum, largest)
+
+    inputs = [
+        ("input_ids", (-1, -1)),
+        ("attention_mask", (-1, -1)),
+        ("position_ids", (-1, -1)),
+        ("past_key_values.0.key", (-1, 4, -1, 16)),
+        ("past_key_values.0.value", (-1, 4, -1, 16)),
+    ]
+    network = types.SimpleNamespace(
+        num_inputs=len(inputs),
+        get_input=lambda i: types.SimpleNamespace(name=inputs[i][0], shape=inputs[i][1]),
+    )
+    builder = types.SimpleNamespace(create_optimization_profile=Profile)
+    options = rtrt.EngineOptions(max_batch=2, max_seq_len=64, opt_seq_len=32)
+    assert rtrt._profile(builder, network, options) is not None
+    assert recorded["input_ids"] == ((1, 1), (2, 1), (2, 64))
+    assert recorded["position_ids"] == recorded["input_ids"]
+    assert recorded["attention_mask"] == ((1, 1), (2, 32), (2, 64))
+    assert recorded["past_key_values.0.key"] == ((1, 4, 0, 16), (2, 4, 31, 16), (2, 4, 63, 16))
+    assert recorded["past_key_values.0.value"] == recorded["past_key_values.0.key"]
+    inputs.append(("other", (-1, -1, -1)))
+    network.num_inputs = len(inputs)
+    with pytest.raises(TargetRuleError, match="other"):
+        rtrt._profile(builder, network, options)
