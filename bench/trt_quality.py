@@ -2,11 +2,12 @@
 
 The TensorRT variant (`--target tensorrt`, docs/tensorrt-rules.md "Implementation") folds every
 cluster scale and zero point out of the Q/DQ, which changes no activation, but re-quantizes the
-weights an activation scale folds into (symmetric, per output channel, from diag(s)·W): that is
-the measured cost of TensorRT's rules. Each recipe is calibrated once and scored with both
-references on the same windows; one row is also run in ONNX Runtime on both exported graphs to
-confirm that the graphs compute their references, and the variant's graph is checked against
-TensorRT's rules.
+weights an activation scale folds into (symmetric, per output channel and scale group,
+`--trt-weight-groups`, default 3, from diag(s)·W; bench/trt_outliers.py compares the group
+counts on outlier models): that is the measured cost of TensorRT's rules. Each recipe is
+calibrated once and scored with both references on the same windows; one row is also run in
+ONNX Runtime on both exported graphs to confirm that the graphs compute their references, and
+the variant's graph is checked against TensorRT's rules.
 
     python bench/trt_quality.py                       # W4A8, W4A4, W4A4KV; writes RESULTS.md
     python bench/trt_quality.py --nsamples 2 --limit 2 --no-write   # smoke run
@@ -142,7 +143,8 @@ def report(
         f"{args.nsamples} x {args.seq_len} tokens, seed {args.seed}, RTN weights, default "
         f"clusters. FP: **{data['fp_ppl']:.3f}**. The first two columns are PyTorch references "
         "of one plan per row (calibrated for the default target); the variant differs only by "
-        "re-quantizing, symmetrically per output channel, the weights an activation scale folds "
+        "re-quantizing, symmetrically per output channel and scale group (default 3), the weights "
+        "an activation scale folds "
         "into (docs/tensorrt-rules.md). The last column calibrates the same recipe with "
         "`--target tensorrt`, whose weights are quantized as the variant's graph holds them "
         "(later layers then also calibrate on the variant's outputs).",

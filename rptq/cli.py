@@ -24,7 +24,17 @@ from rptq.points import DEFAULT_CLUSTERS, Reorder
 
 log = logging.getLogger("rptq.cli")
 
-SUBCOMMANDS = ("run", "calibrate", "export", "eval", "inspect", "demo", "check", "build-engine")
+SUBCOMMANDS = (
+    "run",
+    "calibrate",
+    "export",
+    "eval",
+    "inspect",
+    "demo",
+    "check",
+    "build-engine",
+    "generate",
+)
 EXAMPLES = {
     "run": "rptq-export facebook/opt-125m --abits 4 -o model.onnx",
     "calibrate": "rptq-export calibrate ./opt-125m --wbits 4 --abits 4 -o plans/opt-125m-w4a4",
@@ -34,6 +44,7 @@ EXAMPLES = {
     "demo": "rptq-export demo",
     "check": "rptq-export check opt-125m-w4a4.onnx --target tensorrt --json",
     "build-engine": "rptq-export build-engine opt-125m-w4a4.onnx -o opt-125m-w4a4.engine",
+    "generate": 'rptq-export generate opt-125m-w4a4/ --prompt "The capital of France is"',
 }
 
 
@@ -138,7 +149,13 @@ def _calib_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _export_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, help="output .onnx path")
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output .onnx path, or a folder (DIR/ or an existing directory) that inference "
+        "stacks load: model.onnx, config.json, tokenizer, genai_config.json, rptq_plan.json",
+    )
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--opset", type=int, default=21)
     parser.add_argument(
@@ -168,6 +185,15 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
         default="float",
         help="type of the KV cache inputs/outputs: float (the export dtype), or int8/uint8: the "
         "plan's K/V codes, 1 byte per element (needs quantized K/V; ONNX Runtime target)",
+    )
+    parser.add_argument(
+        "--trt-weight-groups",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --target tensorrt: weight scales per output channel and group of activation "
+        "clusters of similar scale, in one GEMM (default 3; 1: one scale per output channel, "
+        "the first variant, which loses on models with outlier channels)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
@@ -221,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("model", help="Hugging Face OPT directory or hub id")
     exp.add_argument("--plan", help="plan directory from `calibrate` (omit: the FP graph)")
     _export_args(exp)
+    _data_args(exp)  # OPT's tokenizer for the output folder when the model has none
 
     ev = add("eval", "perplexity of a model, a model + plan (PyTorch reference) or an .onnx file")
     ev.add_argument(
@@ -272,6 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--opt-level", type=int, default=3, help="builder optimization level 0..5 (3 default)"
     )
     eng.add_argument("--force", action="store_true", help="overwrite an existing engine")
+
+    gen = add(
+        "generate",
+        "continue a prompt with an exported graph and its KV cache in ONNX Runtime; prints the "
+        "text, prefill and decode tokens/s and the cache bytes per token",
+    )
+    gen.add_argument("model", help="output folder of `export -o DIR/`, or a with-past .onnx file")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="at most this many tokens")
+    gen.add_argument("--greedy", action="store_true", help="arg-max decoding (the default)")
+    gen.add_argument("--temperature", type=float, default=None, help="sample at this temperature")
+    gen.add_argument("--top-p", type=float, default=None, help="sample from this nucleus mass")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--tokenizer", help="tokenizer directory (default: the folder's, else OPT's)")
+    gen.add_argument("--providers", default="cpu", help="ONNX Runtime providers: cpu or cuda")
+    _data_args(gen)
     return parser
 
 

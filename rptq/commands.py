@@ -154,6 +154,8 @@ def _pass_target(args: argparse.Namespace) -> Target:
     block = getattr(args, "int4_block", None)
     if block is not None and target is not Target.TRT:
         raise ConfigError("--int4-block applies to --target tensorrt only")
+    if getattr(args, "trt_weight_groups", None) is not None and target is not Target.TRT:
+        raise ConfigError("--trt-weight-groups applies to --target tensorrt only")
     return target
 
 
@@ -161,6 +163,7 @@ def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
     """The export flags of `run` and `export` as one ExportOptions."""
     from rptq.exporter.options import ExportOptions
 
+    groups = {} if args.trt_weight_groups is None else {"trt_weight_groups": args.trt_weight_groups}
     return ExportOptions(
         args.dtype,
         args.opset,
@@ -169,6 +172,7 @@ def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
         force=args.force,
         past=not args.no_cache,
         kv_cache_dtype=args.kv_cache_dtype,
+        **groups,
     )
 
 
@@ -181,12 +185,57 @@ def _cache_summary(options: ExportOptions) -> str:
     return f"{options.kv_cache_dtype} codes of the plan's K/V grid, 1 byte per element"
 
 
+def _destination(args: argparse.Namespace) -> tuple[Path, bool]:
+    """`-o` checked before any work: (path, True) for the stack folder (`-o DIR/` or an
+    existing directory), else (the .onnx path, False)."""
+    from rptq import stack_folder
+
+    if stack_folder.wants_folder(args.output):
+        folder = stack_folder.folder_path(args.output)
+        stack_folder.check_folder(folder, args.force)
+        return folder, True
+    output = Path(args.output)
+    check_output(output, args.force)
+    if stack_folder.writes_side_files(output):
+        stack_folder.check_side_files(output.parent, args.force)
+    return output, False
+
+
+def _write(
+    model: Any,
+    plan: QuantPlan | None,
+    output: Path,
+    folder: bool,
+    options: ExportOptions,
+    args: argparse.Namespace,
+) -> tuple[Any, list[tuple[Path, int]]]:
+    """Export to `output`: the whole stack folder, or the .onnx file (with the side files
+    beside it when it is named model.onnx). Returns the summary and every file written."""
+    from rptq import stack_folder
+    from rptq.calib_text import optional_data_dir
+    from rptq.workflow import export_onnx
+
+    data_dir = optional_data_dir(getattr(args, "data_dir", None))
+    if folder:
+        return stack_folder.export_folder(model, plan, output, options, data_dir)
+    summary = export_onnx(model, plan, output, options)
+    files = list(summary.files)
+    if stack_folder.writes_side_files(output):
+        side = stack_folder.write_side_files(output.parent, output, model, plan, data_dir)
+        files += [(p, p.stat().st_size) for p in side]
+    return summary, files
+
+
 def _export_summary(
-    summary: Any, plan: QuantPlan | None, target: Target = Target.ORT, plan_where: str | None = None
+    summary: Any,
+    plan: QuantPlan | None,
+    target: Target = Target.ORT,
+    plan_where: str | None = None,
+    files: list[tuple[Path, int]] | None = None,
 ) -> Summary:
     """`plan_where`: the plan directory given, or where a plan calibrated in this run went."""
     return {
-        "files": [f"{path} ({human_bytes(size)})" for path, size in summary.files],
+        "files": [f"{path} ({human_bytes(size)})" for path, size in files or summary.files],
         "bits": summary.label,
         "target": target.cli,
         "QuantizeLinear nodes": summary.op_counts.get("QuantizeLinear", 0),
@@ -199,10 +248,8 @@ def _export_summary(
 def cmd_run(args: argparse.Namespace) -> Summary:
     """`run` (the default command): calibrate, or load --plan, then export."""
     from rptq.model.load import load_model
-    from rptq.workflow import export_onnx
 
-    output = Path(args.output)
-    check_output(output, args.force)
+    output, folder = _destination(args)
     target = _pass_target(args)
     options = _export_options(args, target)
     if options.kv_cache_dtype != "float" and args.abits >= 16 and not args.plan:
@@ -221,9 +268,9 @@ def cmd_run(args: argparse.Namespace) -> Summary:
             "calibrated in this run, kept in memory (not saved: `calibrate -o DIR` saves one)"
         )
     with stage(4, 4, f"exporting {output}"):
-        summary = export_onnx(model, plan, output, options)
+        summary, files = _write(model, plan, output, folder, options, args)
     return {
-        **_export_summary(summary, plan, target, plan_where),
+        **_export_summary(summary, plan, target, plan_where, files),
         "kv cache": _cache_summary(options),
         **info,
     }
@@ -232,10 +279,8 @@ def cmd_run(args: argparse.Namespace) -> Summary:
 def cmd_export(args: argparse.Namespace) -> Summary:
     """`export`: MODEL and an optional --plan to ONNX (FP without a plan)."""
     from rptq.model.load import load_model
-    from rptq.workflow import export_onnx
 
-    output = Path(args.output)
-    check_output(output, args.force)
+    output, folder = _destination(args)
     target = _pass_target(args)
     options = _export_options(args, target)
     plan: QuantPlan | None = None
@@ -244,9 +289,9 @@ def cmd_export(args: argparse.Namespace) -> Summary:
         if args.plan:
             plan = QuantPlan.load(Path(args.plan), expect_hash=model.shape.config_hash())
     with stage(2, 2, f"exporting {output}"):
-        summary = export_onnx(model, plan, output, options)
+        summary, files = _write(model, plan, output, folder, options, args)
     return {
-        **_export_summary(summary, plan, target, args.plan),
+        **_export_summary(summary, plan, target, args.plan, files),
         "kv cache": _cache_summary(options),
     }
 
@@ -406,3 +451,10 @@ def cmd_build_engine(args: argparse.Namespace) -> Summary:
         "timing_cache": str(built.timing_cache) if built.timing_cache else "none",
         "build_s": round(built.build_s, 1),
     }
+
+
+def cmd_generate(args: argparse.Namespace) -> Summary:
+    """`generate`: continue a prompt with a with-past graph (rptq.generation)."""
+    from rptq.generation import run_generate
+
+    return run_generate(args)

@@ -215,6 +215,22 @@ def binary_weight(module_path: str, planes: int) -> dict[str, str]:
     return out
 
 
+def weight_groups(module_path: str, groups: int) -> dict[str, str]:
+    """Names around a TensorRT-variant weight with activation-scale groups: the groups' codes
+    side by side in one weight (`quantized_weight`'s names), one MatMul writing [..., groups x
+    out], split into the groups' products (`part{g}`) and summed into `output`.
+    """
+    out = {
+        "split_node": f"{module_path}/weight/groups/Split",
+        "split_sizes": f"{module_path}/weight/groups/split",
+        "sum_node": f"{module_path}/weight/groups/Sum",
+        "output": f"{module_path}/weight/groups/sum",
+    }
+    for g in range(groups):
+        out[f"part{g}"] = f"{module_path}/weight/group{g}/product"
+    return out
+
+
 def lorc(module_path: str) -> dict[str, str]:
     """Names of a LoRC branch `x -> MatMul(V̂ [in, R]) -> MatMul(Ûᵀ [R, out]) -> Add` beside a
     linear's MatMul; factors are float initializers, or int8 codes with a DequantizeLinear.

@@ -19,6 +19,7 @@ from rptq.exporter.options import ExportDtype, ExportOptions
 from rptq.log import Progress
 from rptq.model.load import LoadedModel
 from rptq.plan import KvCacheDtype, QuantPlan, Recipe, Target
+from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 from rptq.runtime.perplexity import PerplexityResult, perplexity
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def quantized_graph(
     int4_block_size: int = 0,
     past: bool = False,
     kv_cache_dtype: KvCacheDtype = "float",
+    trt_weight_groups: int = DEFAULT_WEIGHT_GROUPS,
 ) -> onnx.ModelProto:
     """The whole graph in memory, with the plan's reorders folded and its Q/DQ inserted (FP if
     no plan), in the canonical layout (rptq.exporter.parts) that `export_onnx` writes.
@@ -85,7 +87,9 @@ def quantized_graph(
     the plan's K/V codes (ExportOptions checks the combination).
 
     `target` "trt" writes the TensorRT variant (docs/tensorrt-rules.md, "Implementation");
-    `int4_block_size` (64/128, "trt" only) stores its weights as blocked INT4. Holds the whole
+    `int4_block_size` (64/128, "trt" only) stores its weights as blocked INT4 and
+    `trt_weight_groups` ("trt" only) sets the scale groups of its re-quantized folded weights
+    (rptq.quant.trt_weights.scale_groups). Holds the whole
     model (about 3x its size at peak): `export_onnx` streams instead.
     """
     from rptq.exporter.opt import build_fp_graph
@@ -104,6 +108,7 @@ def quantized_graph(
             target=target,
             int4_block_size=int4_block_size,
             kv_cache_dtype=kv_cache_dtype,
+            trt_weight_groups=trt_weight_groups,
         )
         graph, results = run_passes(graph, ctx)
         for result in results:

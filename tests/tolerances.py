@@ -68,3 +68,14 @@ INCREMENTAL_QDQ_MIN_SQNR_DB = 30.0
 # couple of ulps of the largest logits; measured 9.8e-4 max abs. The fp16-vs-fp32 graph gap is
 # 3.5e-3 (tests/graph/test_export_fp.py, FP16_ATOL = 1e-2), the same order.
 INCREMENTAL_FP16_ATOL = 1e-2
+# TensorRT variant vs the default target on an outlier model (issue 13: "within 1 dB"), logit
+# SQNR of each PyTorch reference against the FP model. Not a numerical tolerance but the
+# issue's acceptance bound on a change of model: both share every activation grid, and the
+# variant's weights are W·diag(s) re-quantized symmetrically per output row and scale group
+# instead of W asymmetrically per row. Measured on the CI outlier model (tests/parity/
+# test_trt_outliers.py; 3 model seeds): 3 scale groups (the default) are 0.7-2.2 dB *above*
+# the default target at W4A8 and -0.34..+0.74 dB at W4A4 (finer scales for the wide clusters'
+# columns, a coarser grid by symmetry); one scale per row is 2.0-4.4 dB below at W4A8 and
+# 1.5-3.5 dB below at W4A4, so the bound separates the two forms on every seed. (On the bench's
+# hidden-1024 model 3 groups are 0.74 / 0.36 dB below: bench/RESULTS.md, trt-outliers.)
+TRT_OUTLIER_MAX_LOSS_DB = 1.0

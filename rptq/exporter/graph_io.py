@@ -25,7 +25,6 @@ DIM_SEQUENCE = "sequence_length"
 DIM_PAST = "past_sequence_length"
 DIM_TOTAL = "total_sequence_length"
 PREFILL_INPUTS = (names.GRAPH_INPUT_IDS, names.GRAPH_ATTENTION_MASK)
-PAST_TOKEN_INPUTS = (*PREFILL_INPUTS, names.GRAPH_POSITION_IDS)
 
 
 def dims(past: bool) -> tuple[str, str]:

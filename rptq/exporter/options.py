@@ -8,6 +8,7 @@ from typing import Literal, get_args
 
 from rptq.errors import ConfigError
 from rptq.plan import KvCacheDtype, Target
+from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 
 ExportDtype = Literal["float32", "float16"]
 
@@ -17,7 +18,8 @@ class ExportOptions:
     """Everything about an export except the model, the plan and the output path.
 
     `target` "trt" writes the TensorRT variant (docs/tensorrt-rules.md, "Implementation"), and
-    `int4_block_size` (64/128, TensorRT only) stores its weights as blocked INT4; the passes
+    `int4_block_size` (64/128, TensorRT only) stores its weights as blocked INT4, and
+    `trt_weight_groups` sets the scale groups of its re-quantized folded weights; the passes
     check those against the plan (rptq.passes.context.PassContext). `external_data` None lets
     the writer choose by size (rptq.exporter.save); `force` overwrites existing outputs.
 
@@ -30,6 +32,7 @@ class ExportOptions:
     opset: int = 21
     target: Target = Target.ORT
     int4_block_size: int = 0
+    trt_weight_groups: int = DEFAULT_WEIGHT_GROUPS
     external_data: bool | None = None
     force: bool = False
     past: bool = False
@@ -55,3 +58,5 @@ class ExportOptions:
                 f"--kv-cache-dtype {self.kv_cache_dtype} is for the ONNX Runtime target only "
                 "(TensorRT keeps a float cache); use --kv-cache-dtype float with --target tensorrt"
             )
+        if self.trt_weight_groups < 1:
+            raise ConfigError(f"--trt-weight-groups must be >= 1, got {self.trt_weight_groups}")

@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from rptq.errors import ConfigError, GraphPatternError
 from rptq.plan import KvCacheDtype, QuantPlan, ReorderSite, Target
+from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 
 OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
 INT4_BLOCK_SIZES = (64, 128)  # TensorRT's INT4 weight blocks (docs/tensorrt-rules.md)
@@ -39,6 +40,9 @@ class PassContext:
     # with-past graphs: "int8"/"uint8" store the cache as the plan's K/V codes
     # (rptq.passes.kv_cache); "float" (and every prefill graph) leaves the cache float
     kv_cache_dtype: KvCacheDtype = "float"
+    # target "trt" only: scale groups of a weight re-quantized with a folded activation scale
+    # (rptq.quant.trt_weights.scale_groups: one GEMM per group; 1 = one scale per output row)
+    trt_weight_groups: int = DEFAULT_WEIGHT_GROUPS
 
     def __post_init__(self) -> None:
         if self.target not in {t.value for t in Target}:
@@ -51,6 +55,8 @@ class PassContext:
                 f"--int4-block {self.int4_block_size} needs --target tensorrt and a block size "
                 f"of {' or '.join(map(str, INT4_BLOCK_SIZES))}"
             )
+        if self.trt_weight_groups < 1:
+            raise ConfigError(f"--trt-weight-groups must be >= 1, got {self.trt_weight_groups}")
         if self.opset < OPSET:
             raise ConfigError(
                 f"opset {self.opset} is too old: INT4/INT16 Q/DQ need opset {OPSET} or newer"

@@ -27,6 +27,11 @@ from rptq.quant.qparams import grid_bounds
 
 INT8_MIN, INT8_MAX = -128, 127  # the container of every TensorRT variant code
 INT4_MIN, INT4_MAX = -8, 7
+# Scale groups of a re-quantized folded weight (`scale_groups`): 3, the fewest measured within
+# 1 dB of the default target at W4A8 and W4A4 on both outlier models (2 lost 1.35 dB at W4A8 on
+# the hidden-1024 one; bench/RESULTS.md, trt-outliers); 1 is the single per-row scale of the
+# first variant.
+DEFAULT_WEIGHT_GROUPS = 3
 
 
 def symmetric_max(bits: int) -> int:
@@ -47,14 +52,17 @@ class SymmetricWeight:
     """
 
     codes: NDArray[np.int8]  # [out, in]
-    scale: NDArray[np.float32]  # [out]
+    scale: NDArray[np.float32]  # [out]; [groups, out] when group_of is set
     in_scale: NDArray[np.float32] | None  # [in]
     requantized: bool
+    group_of: NDArray[np.int64] | None = None  # [in]: the scale group of each input channel
 
     def folded_values(self) -> NDArray[np.float32]:
         """codes·scale [out, in]: what the graph's weight DequantizeLinear yields (before any
-        output-channel fold)."""
-        return (self.codes.astype(np.float32) * self.scale[:, None]).astype(np.float32)
+        output-channel fold); with scale groups, the sum of the groups' products."""
+        if self.group_of is None:
+            return (self.codes.astype(np.float32) * self.scale[:, None]).astype(np.float32)
+        return (self.codes.astype(np.float32) * self.scale[self.group_of].T).astype(np.float32)
 
     def values(self) -> NDArray[np.float32]:
         """The weight [out, in] in the model's own domain: what the reference multiplies X̂ by."""
@@ -119,6 +127,53 @@ def requantize_folded(
     return symmetric_codes(folded, scale, bits), scale
 
 
+def scale_groups(in_scale: NDArray[np.floating], count: int) -> NDArray[np.int64]:
+    """Scale group (0 = smallest scales) of each input channel: the distinct scale values, in
+    log order, cut at their `count − 1` widest gaps.
+
+    An outlier cluster's scale is 10-100x the others' (rptq/outliers.py), so the widest gap in
+    log scale separates it; a per-row weight scale then serves each group's columns instead of
+    being set by the outlier columns alone. The groups depend only on the values, so the graph
+    (cluster order) and the reference (model order) agree channel for channel.
+    """
+    if count < 1:
+        raise ValueError(f"scale groups must be >= 1, got {count}")
+    s = np.asarray(in_scale, np.float32)
+    values = np.unique(s)  # sorted
+    if count == 1 or values.size == 1:
+        return np.zeros(s.shape, np.int64)
+    gaps = np.diff(np.log(values.astype(np.float64)))
+    widest = np.argsort(-gaps, kind="stable")[: count - 1]  # ties: the smaller scales first
+    cuts = values[np.sort(widest) + 1]  # first value of each new group
+    return np.searchsorted(cuts, s, side="right").astype(np.int64)
+
+
+def requantize_grouped(
+    weight: NDArray[np.floating],
+    in_scale: NDArray[np.floating],
+    bits: int,
+    group_of: NDArray[np.int64],
+) -> tuple[NDArray[np.int8], NDArray[np.float32]]:
+    """Symmetric codes of W·diag(in_scale) [out, in] with one scale per (group, output row).
+
+    Group g's scale [g, out] is max|row over g's columns| / qmax (requantize_folded on those
+    columns); a group's graph GEMM multiplies its columns' codes (the others 0) by it.
+    """
+    folded = fold_input_scale(weight, in_scale)
+    if group_of.shape != (folded.shape[1],):
+        raise ValueError(f"group_of has shape {group_of.shape}, expected ({folded.shape[1]},)")
+    groups = int(group_of.max(initial=0)) + 1
+    codes = np.zeros(folded.shape, np.int8)
+    scale = np.ones((groups, folded.shape[0]), np.float32)
+    for g in range(groups):
+        columns = group_of == g
+        if not columns.any():
+            continue
+        scale[g] = symmetric_scale(folded[:, columns], bits)
+        codes[:, columns] = symmetric_codes(folded[:, columns], scale[g], bits)
+    return codes, scale
+
+
 def shift_plan_codes(
     codes: NDArray[np.integer], zero: NDArray[np.integer]
 ) -> NDArray[np.int8] | None:
@@ -145,6 +200,7 @@ def trt_weight(
     in_scale: NDArray[np.floating] | None,
     folded_scale: NDArray[np.floating] | None = None,
     may_requantize: bool = True,
+    groups: int = DEFAULT_WEIGHT_GROUPS,
 ) -> SymmetricWeight:
     """The TensorRT variant's weight for one linear (float weight and plan codes both [out, in]).
 
@@ -155,7 +211,8 @@ def trt_weight(
     symmetrically (round to nearest); without one the plan's codes are kept (shifted by their
     zero points), unless a shifted code leaves INT8, in which case W itself is re-quantized
     symmetrically, or, with `may_requantize` False (a plan whose codes must be kept: GPTQ,
-    LoRC, TensorRT-calibrated), a ValueError is raised.
+    LoRC, TensorRT-calibrated), a ValueError is raised. A folded re-quantization takes one
+    scale per output row and scale group (`scale_groups(in_scale, groups)`; 1: per row only).
     """
     _check_rows(weight, "weight")
     if codes.shape != weight.shape:
@@ -183,8 +240,13 @@ def trt_weight(
         return SymmetricWeight(new_codes, new_scale, None, True)
     if not may_requantize:
         raise ValueError("the plan's codes were not calibrated with the graph's input scale")
+    kept_scale = np.asarray(in_scale, np.float32).copy()
+    group_of = scale_groups(kept_scale, groups)
+    if group_of.max(initial=0) > 0:
+        new_codes, new_scale = requantize_grouped(weight, kept_scale, bits, group_of)
+        return SymmetricWeight(new_codes, new_scale, kept_scale, True, group_of)
     new_codes, new_scale = requantize_folded(weight, in_scale, bits)
-    return SymmetricWeight(new_codes, new_scale, np.asarray(in_scale, np.float32).copy(), True)
+    return SymmetricWeight(new_codes, new_scale, kept_scale, True)
 
 
 def fold_layernorm_affine(

@@ -6,7 +6,8 @@ arithmetic). Weights: a plan calibrated with `--target tensorrt` already holds t
 the folded weight W·diag(s) (GPTQ/GPTQT/LoRC included), so its entries' values() are used
 verbatim, mapped back to the model's domain. For an RTN plan calibrated for ONNX Runtime, a
 linear whose input activation is quantized multiplies by diag(s)·W re-quantized
-symmetrically per output channel (codes·scale / s); the others keep the plan's own codes. Both
+symmetrically per output channel and scale group (codes·scale / s; `weight_groups`, the
+export's `trt_weight_groups`); the others keep the plan's own codes. Both
 come from rptq.quant.trt_weights, the functions the export passes and calibration call, so the
 graph and this reference hold the same integer codes.
 """
@@ -23,7 +24,7 @@ from rptq.model.load import LoadedModel
 from rptq.model.weights import layer_prefix
 from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.points import LINEARS
-from rptq.quant.trt_weights import trt_weight
+from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS, trt_weight
 from rptq.runtime.reference import ReferenceModel
 
 
@@ -32,7 +33,11 @@ def _identity(act: object, x: torch.Tensor) -> torch.Tensor:
 
 
 def variant_weight(
-    quant: WeightQuant, original: np.ndarray, in_scale: np.ndarray | None, target: Target
+    quant: WeightQuant,
+    original: np.ndarray,
+    in_scale: np.ndarray | None,
+    target: Target,
+    groups: int = DEFAULT_WEIGHT_GROUPS,
 ) -> np.ndarray:
     """The model-domain weight [out, in] (float32) the variant's graph multiplies X̂ by.
 
@@ -59,6 +64,7 @@ def variant_weight(
             quant.bits,
             in_scale,
             may_requantize=target is Target.ORT,
+            groups=groups,
         )
     except ValueError as exc:
         raise PlanError(
@@ -67,7 +73,9 @@ def variant_weight(
     return symmetric.values()
 
 
-def trt_layer_weights(weights: LayerWeights, plan: QuantPlan, layer: int) -> LayerWeights:
+def trt_layer_weights(
+    weights: LayerWeights, plan: QuantPlan, layer: int, groups: int = DEFAULT_WEIGHT_GROUPS
+) -> LayerWeights:
     """One layer's weights as the TensorRT variant multiplies by them ([out, in], float32)."""
     out = dict(weights)
     prefix = layer_prefix(layer)
@@ -82,6 +90,7 @@ def trt_layer_weights(weights: LayerWeights, plan: QuantPlan, layer: int) -> Lay
             original.detach().to(torch.float32).cpu().numpy(),
             plan.folded_input_scale(layer, linear),
             plan.recipe.target,
+            groups,
         )
         out[key] = torch.from_numpy(values).to(original.device, original.dtype)
     return out
@@ -90,10 +99,16 @@ def trt_layer_weights(weights: LayerWeights, plan: QuantPlan, layer: int) -> Lay
 class TrtReferenceModel(ReferenceModel):
     """Callable ids [B, T] -> logits [B, T, V] of the TensorRT variant (see the module doc)."""
 
-    def __init__(self, model: LoadedModel, plan: QuantPlan | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        plan: QuantPlan | None = None,
+        weight_groups: int = DEFAULT_WEIGHT_GROUPS,
+    ) -> None:
         if plan is not None:
             plan.check_target(Target.TRT)
         super().__init__(model, plan)
+        self.weight_groups = weight_groups
 
     def layer(self, index: int) -> tuple[LayerWeights, Tap]:
         """Layer `index`'s variant weights and its (unchanged) activation fake-quant tap."""
@@ -102,7 +117,7 @@ class TrtReferenceModel(ReferenceModel):
         weights = read_layer(self.model.weights, index)
         tap: Tap = _identity
         if self.plan is not None:
-            weights = trt_layer_weights(weights, self.plan, index)
+            weights = trt_layer_weights(weights, self.plan, index, self.weight_groups)
             tap = FakeQuantTap.from_plan(self.plan, index)
         if self._cache is not None:
             self._cache[index] = (weights, tap)

@@ -29,3 +29,28 @@ def calib_args(data_dir):
         str(data_dir),
         "-q",
     ]
+
+
+@pytest.fixture(scope="session")
+def plan_dir(model_dir, calib_args, tmp_path_factory):
+    """A W4A4 plan of the tiny model, calibrated through the CLI once per session."""
+    from rptq.cli import main
+
+    out = tmp_path_factory.mktemp("plans") / "w4a4"
+    assert (
+        main(
+            [
+                "calibrate",
+                str(model_dir),
+                "--wbits",
+                "4",
+                "--abits",
+                "4",
+                "-o",
+                str(out),
+                *calib_args,
+            ]
+        )
+        == 0
+    )
+    return out

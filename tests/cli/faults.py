@@ -133,6 +133,34 @@ def _non_rptq_onnx(tmp: Path, env: dict[str, Path]) -> None:
     onnx.save(helper.make_model(graph), str(tmp / "relu.onnx"))
 
 
+def _graph(past: bool) -> Callable[[Path, dict[str, Path]], None]:
+    """{tmp}/g.onnx: the tiny model's FP graph, with the KV cache or prefill-only."""
+
+    def setup(tmp: Path, env: dict[str, Path]) -> None:
+        import onnx
+
+        from rptq.model.load import load_model
+        from rptq.workflow import quantized_graph
+
+        # in memory, not export_onnx: its progress log would go to an earlier case's stderr
+        graph = quantized_graph(load_model(str(env["model"])), None, past=past)
+        onnx.save(graph, str(tmp / "g.onnx"))
+
+    return setup
+
+
+def _put(name: str) -> Callable[[Path, dict[str, Path]], None]:
+    """{tmp}/out/<name>: an output folder that already holds something."""
+
+    def setup(tmp: Path, env: dict[str, Path]) -> None:
+        (tmp / "out").mkdir()
+        (tmp / "out" / name).write_bytes(b"keep")
+
+    return setup
+
+
+LONG_PROMPT = " ".join(["word"] * 300)  # 301 tokens with OPT's "</s>": over the 256 positions
+GEN = ("--data-dir", "{data}", "-q")
 CAL = ("calibrate", "{model}", "-o", "{tmp}/out", "-q")
 FAST = ("--nsamples", "2", "--seq-len", "32", "--clusters", "R1=8,R2=4,R3=4,R4=8,R5=16")
 RUN = ("{model}", "--abits", "4", "-o", "{tmp}/out.onnx", "-q", *FAST)
@@ -236,6 +264,13 @@ FAULTS: tuple[Fault, ...] = (
           ("{model}", "-o", "{tmp}/out.onnx", "--kv-cache-dtype", "int8"),
           "--kv-cache-dtype int8 stores quantized K/V, but --abits 16 leaves them float; use "
           "--abits 8 or lower, or --kv-cache-dtype float"),
+    Fault("trt-groups-ort", "--trt-weight-groups without --target tensorrt",
+          ("export", "{model}", "-o", "{tmp}/out.onnx", "--trt-weight-groups", "2"),
+          "--trt-weight-groups applies to --target tensorrt only"),
+    Fault("trt-groups-0", "no weight scale group",
+          ("export", "{model}", "-o", "{tmp}/out.onnx", "--target", "tensorrt",
+           "--trt-weight-groups", "0"),
+          "--trt-weight-groups must be >= 1, got 0"),
     Fault("kv-only-a16", "--only-quant-kv with float activations", (*CAL, "--only-quant-kv"),
           "--only-quant-kv needs --abits 3, 4 or 8"),
     Fault("lorc-negative", "negative LoRC rank", (*CAL, "--lorc-rank", "-1"),
@@ -336,6 +371,42 @@ FAULTS: tuple[Fault, ...] = (
     Fault("output-dir-missing", "output in a directory that does not exist",
           ("export", "{model}", "-o", "{tmp}/a/out.onnx"),
           "output directory {tmp}/a does not exist; create it first"),
+    Fault("output-folder-not-empty", "output folder that holds files, no --force",
+          ("export", "{model}", "-o", "{tmp}/out/"),
+          "{tmp}/out exists; pass --force to overwrite it", _put("keep.txt")),
+    Fault("output-folder-is-file", "output folder path that is a file",
+          ("export", "{model}", "-o", "{tmp}/out.onnx/"),
+          "{tmp}/out.onnx is a file; pass a folder (-o DIR/) or a .onnx path",
+          _write("out.onnx", b"keep")),
+    # --- generate ------------------------------------------------------------------------------
+    Fault("generate-prefill-only", "generate with a prefill-only graph (--no-cache)",
+          ("generate", "{tmp}/g.onnx", "--prompt", "Hello", *GEN),
+          "{tmp}/g.onnx is a prefill-only graph (no KV cache) and cannot generate; export it "
+          "again without --no-cache", _graph(past=False)),
+    Fault("generate-engine", "generate with a TensorRT engine file",
+          ("generate", "{tmp}/m.engine", "--prompt", "Hello", *GEN),
+          "{tmp}/m.engine is a TensorRT engine; `generate` runs ONNX graphs in ONNX Runtime: pass "
+          "the .onnx file (or output folder) the engine was built from", _write("m.engine", b"x")),
+    Fault("generate-model-dir", "generate with a Hugging Face model directory (not exported)",
+          ("generate", "{model}", "--prompt", "Hello", *GEN),
+          "{model} holds no model.onnx: export it first (`rptq-export export {model} -o OUT/`) "
+          "and generate from OUT/"),
+    Fault("generate-empty-prompt", "generate with an empty prompt",
+          ("generate", "{tmp}/g.onnx", "--prompt", " ", *GEN),
+          "--prompt is empty; give the text to continue", _graph(past=True)),
+    Fault("generate-too-many-tokens", "--max-new-tokens beyond the context length",
+          ("generate", "{tmp}/g.onnx", "--prompt", "Hello", "--max-new-tokens", "300", *GEN),
+          "--max-new-tokens 300 exceeds the model's 256 positions (prompt included); use fewer",
+          _graph(past=True)),
+    Fault("generate-prompt-too-long", "a prompt longer than the context",
+          ("generate", "{tmp}/g.onnx", "--prompt", LONG_PROMPT, *GEN),
+          "the prompt is 301 tokens but the model's context is 256: shorten the prompt",
+          _graph(past=True)),
+    Fault("generate-no-room", "prompt plus --max-new-tokens beyond the context",
+          ("generate", "{tmp}/g.onnx", "--prompt", "Hello there", "--max-new-tokens", "255",
+           *GEN),
+          "the prompt's 3 tokens plus --max-new-tokens 255 exceed the model's 256 positions; use "
+          "--max-new-tokens 253 or less", _graph(past=True)),
     Fault("eval-onnx-target", "eval --target tensorrt of an .onnx file (no plan)",
           ("eval", "{tmp}/relu.onnx", "--target", "tensorrt"),
           "--target tensorrt evaluates the TensorRT variant's reference of a --plan; an .onnx or "

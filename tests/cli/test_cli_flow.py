@@ -14,28 +14,6 @@ def quick_eval_flags(data_dir) -> list[str]:
     return [*flags, "--data-dir", str(data_dir)]
 
 
-@pytest.fixture(scope="module")
-def plan_dir(model_dir, calib_args, tmp_path_factory):
-    out = tmp_path_factory.mktemp("plans") / "w4a4"
-    assert (
-        main(
-            [
-                "calibrate",
-                str(model_dir),
-                "--wbits",
-                "4",
-                "--abits",
-                "4",
-                "-o",
-                str(out),
-                *calib_args,
-            ]
-        )
-        == 0
-    )
-    return out
-
-
 def test_calibrate_writes_a_valid_plan(plan_dir):
     plan = QuantPlan.load(plan_dir)
     assert plan.recipe.label() == "W4A4"

@@ -71,7 +71,9 @@ def test_headline_command_runs_with_no_other_flag(hf_home, tmp_path):
     import onnx
 
     graph_name = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.name
-    assert graph_name == "rptq-facebook/opt-125m-prefill"  # the hub id, not the cache path
+    # the hub id, not the cache path; the CLI's default graph carries a KV cache
+    assert graph_name == "rptq-facebook/opt-125m-with-past"
+    assert "kv cache: float32" in out, out
 
 
 def test_every_way_to_name_the_model_gives_the_hub_id(hf_home, tmp_path):

@@ -83,11 +83,11 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     "W4A8": ("8fa6d3e515a3a14a", "63f59003867190e8", "d3f185053a3c200b"),
     "trt-W3A3KV-fp32": ("2fe5eeef36a4f1c9", "e57e2616bc2e209b", "f88053a396bc8ed1"),
     "trt-W4A16-int4": ("cb33d9258aa5d625", "108fe48eb4e2b390", "ce2fdc21f682bf3d"),
-    "trt-W4A4-fp16": ("b55ded67e7186b22", "1f3988a39265349d", "71d52260918f1b1f"),
-    "trt-W4A4-fp32": ("e6671aa230961f85", "b75d5bb0fbd017be", "2674f13010883ea8"),
-    "trt-W4A4-int4": ("c7894c1ead036274", "cd7fc6b73b71e4b4", "da0abcdd9c7165e5"),
+    "trt-W4A4-fp16": ("3171054357a7d483", "0a2690ec83496b81", "e5763af55c39ec47"),
+    "trt-W4A4-fp32": ("d64e7f3ac628d05e", "720f466b19b9fd7a", "c79fad5bae04d41f"),
+    "trt-W4A4-int4": ("49a846b62fec9b3a", "0b638ec02a9ae0e3", "b448a44585c06569"),
     "trt-W4A4KV-fp16": ("b71b3dbaf9966843", "2b03ccce7d3483e3", "e59b6a282aa2d167"),
-    "trt-W4A8-fp16": ("1a7f5a6ab0e430a9", "1f3988a39265349d", "45f0515717d54e94"),
+    "trt-W4A8-fp16": ("9d894817dbdf0d6b", "0a2690ec83496b81", "b6058f7ced0f6826"),
     "trt-calibrated-fp16": ("4bee6a35b425433e", "a83adf4ce843d5b1", "b7f45e70a0fd6820"),
     "trt-calibrated-int4": ("5953c62422edfa24", "2bf1cd0ce56817b0", "67e777dd0c0fb255"),
 }
@@ -172,7 +172,7 @@ PAST_EXPECTED: dict[str, tuple[str, str, str]] = {
     "past-FP": ("0f01d0724e5302ee", "620a5194ec7fe0a3", "2bfe956d9dacb8b5"),
     "past-W4A4KV": ("e810cfe1d2adb01f", "f166c114a9286f19", "e521d1f6ed60d1f5"),
     "past-W4A4KV-int8": ("5c4bed6191687283", "f166c114a9286f19", "a24c8e098e9c7390"),
-    "past-trt-W4A4-fp16": ("7c0bf6bf9cdf64d3", "1f3988a39265349d", "ce2c30e969270c93"),
+    "past-trt-W4A4-fp16": ("f0ecdd981b53deb3", "0a2690ec83496b81", "a96ed82f948e8a09"),
 }
 
 

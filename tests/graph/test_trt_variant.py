@@ -25,6 +25,7 @@ from rptq.passes.tensorrt.fold import trt_fold
 from rptq.passes.tensorrt.qdq import trt_insert_qdq
 from rptq.plan import WeightMethod
 from rptq.points import LAYERNORM_SITE, LINEARS, Act
+from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS, scale_groups
 from rptq.workflow import quantized_graph
 
 RECIPES = {
@@ -55,6 +56,19 @@ def trt_graph(loaded, plan, **options) -> onnx.ModelProto:
     return quantized_graph(loaded, plan, target="trt", **options)
 
 
+def weight_parts(plan, layer: int, linear: str) -> int:
+    """GEMMs of a quantized linear: one per scale group of its folded input scale (spec,
+    "Weights in the folded domain"), one when nothing folds into its input."""
+    in_scale = plan.folded_input_scale(layer, linear)
+    if in_scale is None:
+        return 1
+    return int(scale_groups(in_scale, DEFAULT_WEIGHT_GROUPS).max()) + 1
+
+
+def all_weight_parts(plan, num_layers: int) -> list[int]:
+    return [weight_parts(plan, layer, lin) for layer in range(num_layers) for lin in LINEARS]
+
+
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
@@ -72,7 +86,8 @@ def test_every_variant_passes_the_tensorrt_checker(label, dtype, tiny_loaded, ca
 
 def test_int4_blocked_variant_passes_the_checker(tiny_loaded, calibrate_tiny):
     for label in ("W4A4", "W4A16"):
-        graph = trt_graph(tiny_loaded, calibrate_tiny(**RECIPES[label]), int4_block_size=64)
+        plan = calibrate_tiny(**RECIPES[label])
+        graph = trt_graph(tiny_loaded, plan, int4_block_size=64)
         weights = [n for n in graph.graph.node if n.name.endswith("/weight/DequantizeLinear")]
         assert len(weights) == 6 * tiny_loaded.shape.num_layers
         assert all({a.name: a.i for a in n.attribute}["block_size"] == 64 for n in weights)
@@ -88,7 +103,8 @@ def test_op_counts_follow_the_spec_table(label, tiny_loaded, calibrate_tiny):
         expected += NODES_PER_ACT[quant.act] + Counter(QuantizeLinear=1, DequantizeLinear=1)
         expected += Counter(Clip=1) if quant.bits < 8 else Counter()
     if plan.recipe.wbits < 16:
-        expected += Counter(DequantizeLinear=len(LINEARS) * tiny_loaded.shape.num_layers)
+        for parts in all_weight_parts(plan, tiny_loaded.shape.num_layers):
+            expected += Counter(DequantizeLinear=1) + Counter(Split=parts > 1, Sum=parts > 1)
     # fold_reorder gathers each reordered LayerNorm's input (R1, R4)
     expected += Counter(Gather=sum(s.point in LAYERNORM_SITE.values() for s in plan.sites))
     assert added == expected
@@ -134,6 +150,7 @@ def test_every_added_name_comes_from_names(tiny_loaded, calibrate_tiny):
             module = names.module(layer, linear)
             known |= set(names.quantized_weight(module).values())
             known |= set(names.weight_zero_correction(module).values())
+            known |= set(names.weight_groups(module, weight_parts(plan, layer, linear)).values())
     before = {n.name for n in fp.graph.node} | {t.name for t in fp.graph.initializer}
     before |= {out for n in fp.graph.node for out in n.output}
     after = {n.name for n in graph.graph.node} | {t.name for t in graph.graph.initializer}
@@ -186,18 +203,37 @@ def test_int4_weights_need_four_bits(tiny_loaded, calibrate_tiny):
 
 
 def test_weight_dequantize_feeds_the_matmul(tiny_loaded, calibrate_tiny):
-    """DequantizeLinear(weight) -> MatMul, the pattern TensorRT fuses into its GEMMs."""
-    graph = trt_graph(tiny_loaded, calibrate_tiny(**RECIPES["W4A4"]))
+    """DequantizeLinear(weight) -> MatMul, the pattern TensorRT fuses into its GEMMs: one
+    per linear, its scale groups side by side, then Split into the groups' products and Sum."""
+    plan = calibrate_tiny(**RECIPES["W4A4"])
+    graph = trt_graph(tiny_loaded, plan)
     consumers = {inp: node for node in graph.graph.node for inp in node.input}
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
     for layer in range(tiny_loaded.shape.num_layers):
         for linear in LINEARS:
-            out = names.quantized_weight(names.module(layer, linear))["output"]
-            assert consumers[out].op_type == "MatMul"
+            module = names.module(layer, linear)
+            out = names.quantized_weight(module)["output"]
             matmul = consumers[out]
-            producer = {o: n for n in graph.graph.node for o in n.output}[matmul.input[0]]
-            assert producer.op_type == "DequantizeLinear"  # INT8 activation on the other side
+            assert matmul.op_type == "MatMul"
+            assert producers[matmul.input[0]].op_type == "DequantizeLinear"  # INT8 activation
+            parts = weight_parts(plan, layer, linear)
+            assert parts == DEFAULT_WEIGHT_GROUPS  # every input has clusters of >= 3 scales
+            split = consumers[matmul.output[0]]
+            assert split.name == names.weight_groups(module, parts)["split_node"]
+            assert consumers[split.output[0]].op_type == "Sum"
+            codes = inits[names.quantized_weight(module)["codes"]]
+            nonzero = (codes.reshape(codes.shape[0], parts, -1) != 0).any(axis=2)
+            assert np.all(nonzero.sum(axis=1) <= 1)  # each input channel is in one group
     types = {t.name: t.data_type for t in graph.graph.initializer}
     assert types[names.quantized_weight(names.module(0, "fc1"))["codes"]] == TensorProto.INT8
+
+
+def test_one_weight_group_is_the_single_scale_form(tiny_loaded, calibrate_tiny):
+    """`trt_weight_groups=1` is the first variant: one scale per output row, no Split."""
+    graph = trt_graph(tiny_loaded, calibrate_tiny(**RECIPES["W4A4"]), trt_weight_groups=1)
+    assert "Split" not in op_counts(graph)
+    assert errors(check_model(graph, "trt")) == []
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +303,14 @@ def test_cli_eval_target_tensorrt_runs_the_variant_reference(capsys, data_dir, t
     summary = json.loads(capsys.readouterr().out)
     assert summary["backend"] == "pytorch-reference-tensorrt"
     assert summary["perplexity"]["wikitext2"] > 1
+
+
+@pytest.mark.parametrize(("groups", "splits"), [(None, 12), ("1", 0), ("2", 12)])
+def test_cli_trt_weight_groups(saved_model_and_plan, groups, splits):
+    """Default 3 scale groups (a Split per folded linear), 1 the single-scale form."""
+    root = saved_model_and_plan
+    out = root / f"groups-{groups}.onnx"
+    args = ["export", str(root / "model"), "--plan", str(root / "plan"), "--target", "tensorrt"]
+    extra = [] if groups is None else ["--trt-weight-groups", groups]
+    assert main([*args, *extra, "-o", str(out), "-q"]) == 0
+    assert op_counts(onnx.load(out))["Split"] == splits

@@ -40,6 +40,9 @@ RECIPES = {
     "W4A8": {"wbits": 4, "abits": 8},
     "W4A4": {"wbits": 4, "abits": 4},
     "W4A4KV": {"wbits": 4, "abits": 4, "only_quant_kv": True},
+    # the other weight methods: GPTQT planes with LoRC branches, GPTQ with int8 LoRC factors
+    "GPTQT-LoRC": {"wbits": 3, "abits": 4, "weight_method": "gptqt", "lorc_rank": 4},
+    "GPTQ-LoRC8": {"wbits": 4, "abits": 4, "weight_method": "gptq", "lorc_rank": 4, "lorc_bits": 8},
 }
 # (recipe, target): the default target's recipes and the TensorRT variant
 CASES = [(label, "ort") for label in RECIPES] + [("W4A4", "trt"), ("W4A4KV", "trt")]

@@ -170,7 +170,8 @@ def test_negative_control_first_difference_catches_a_wrong_weight(
 
 @pytest.mark.parametrize("label", ["W4A8", "W4A4", "W4A4KV"])
 def test_rtn_calibrated_for_tensorrt_is_the_requantized_export(label, calibrate_tiny, tiny_loaded):
-    """Folded-domain RTN in calibration computes exactly the codes the export re-quantizes.
+    """Folded-domain RTN in calibration computes exactly the codes the export re-quantizes
+    with one scale per output row (`trt_weight_groups=1`, the form such a plan holds).
 
     The TensorRT plan's layer-1 activation ranges differ from an ONNX Runtime plan's (layer 0's
     output pass runs the variant's weights), so the old path gets this plan's activations with
@@ -186,11 +187,11 @@ def test_rtn_calibrated_for_tensorrt_is_the_requantized_export(label, calibrate_
         recipe=dataclasses.replace(trt_plan.recipe, target="ort"),
         weights=ort_plan.weights,
     )
-    old = quantized_graph(tiny_loaded, old_path, target="trt")
+    old = quantized_graph(tiny_loaded, old_path, target="trt", trt_weight_groups=1)
     new = quantized_graph(tiny_loaded, trt_plan, target="trt")
     assert old.graph.SerializeToString() == new.graph.SerializeToString()
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(7))
-    want = TrtReferenceModel(tiny_loaded, old_path)(ids)
+    want = TrtReferenceModel(tiny_loaded, old_path, weight_groups=1)(ids)
     assert torch.equal(TrtReferenceModel(tiny_loaded, trt_plan)(ids), want)
 
 

@@ -10,6 +10,7 @@ from rptq.quant.trt_weights import (
     fold_layernorm_affine,
     int4_block_scales,
     requantize_folded,
+    scale_groups,
     shift_plan_codes,
     symmetric_max,
     trt_weight,
@@ -83,12 +84,40 @@ def test_trt_weight_requantizes_the_folded_weight(rng):
     weight = rng.normal(size=(8, 16)).astype(np.float32)
     codes, scale, zero = quantize_rows(weight, 4)
     in_scale = rng.uniform(0.01, 1.0, 16).astype(np.float32)
-    symmetric = trt_weight(weight, codes, scale, zero, 4, in_scale)
+    symmetric = trt_weight(weight, codes, scale, zero, 4, in_scale, groups=1)
     assert symmetric.requantized
+    assert symmetric.group_of is None
     np.testing.assert_allclose(
         symmetric.values() * in_scale[None, :], symmetric.folded_values(), rtol=1e-6
     )
     np.testing.assert_array_equal(symmetric.codes, requantize_folded(weight, in_scale, 4)[0])
+
+
+def test_scale_groups_cut_at_the_widest_gaps_in_log_scale():
+    s = np.array([0.1, 3.0, 0.1, 0.12, 2.5, 0.3, 3.0], np.float32)  # 0.3 -> 2.5: widest
+    np.testing.assert_array_equal(scale_groups(s, 2), [0, 1, 0, 0, 1, 0, 1])
+    np.testing.assert_array_equal(scale_groups(s, 3), [0, 2, 0, 0, 2, 1, 2])  # then 0.12 -> 0.3
+    np.testing.assert_array_equal(scale_groups(s, 1), np.zeros(7))
+    np.testing.assert_array_equal(scale_groups(np.full(4, 0.5, np.float32), 2), np.zeros(4))
+    perm = np.array([3, 6, 0, 5, 1, 4, 2])  # by value only: any channel order agrees
+    np.testing.assert_array_equal(scale_groups(s[perm], 2), scale_groups(s, 2)[perm])
+
+
+def test_grouped_requantization_scales_each_group_on_its_own(rng):
+    """An outlier cluster's columns no longer set the scale of the other columns' codes."""
+    weight = rng.normal(size=(8, 16)).astype(np.float32)
+    codes, scale, zero = quantize_rows(weight, 4)
+    in_scale = np.where(np.arange(16) < 3, 40.0, 1.0).astype(np.float32)  # 3 wide channels
+    symmetric = trt_weight(weight, codes, scale, zero, 4, in_scale)  # two distinct scales: 2 groups
+    assert symmetric.group_of is not None
+    assert symmetric.scale.shape == (2, 8)
+    np.testing.assert_array_equal(symmetric.group_of, (np.arange(16) < 3).astype(np.int64))
+    narrow = requantize_folded(weight[:, 3:], in_scale[3:], 4)
+    np.testing.assert_array_equal(symmetric.codes[:, 3:], narrow[0])
+    np.testing.assert_array_equal(symmetric.scale[0], narrow[1])
+    one_scale = trt_weight(weight, codes, scale, zero, 4, in_scale, groups=1).values()
+    error = np.abs(symmetric.values() - weight)[:, 3:].mean()
+    assert error < 0.5 * np.abs(one_scale - weight)[:, 3:].mean()
 
 
 def test_layernorm_fold_writes_x_over_s_plus_z(rng):

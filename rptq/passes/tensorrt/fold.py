@@ -252,7 +252,16 @@ def trt_fold(graph: gs.Graph, ctx: PassContext) -> PassResult:
             if act in CONSUMER_POINTWISE:
                 edits.append(_plan_consumer(graph, index, vec, dtype))
                 counts["pointwise_nodes"] += 1 if act is Act.ATTN_PROBS else 2
-        fold = LayerFold(graph, index, plan, layer, vectors, head_factor, ctx.int4_block_size)
+        fold = LayerFold(
+            graph,
+            index,
+            plan,
+            layer,
+            vectors,
+            head_factor,
+            ctx.int4_block_size,
+            ctx.trt_weight_groups,
+        )
         for linear in LINEARS:
             planned = plan_linear(fold, linear)
             if planned is not None:

@@ -46,6 +46,7 @@ from rptq.plan import QuantPlan, Target, WeightQuant
 from rptq.points import LINEAR_INPUT_ACT, LINEAR_OUTPUT_ACT, Act
 from rptq.quant.bcq import binary_weight
 from rptq.quant.trt_weights import (
+    DEFAULT_WEIGHT_GROUPS,
     INT4_MAX,
     INT4_MIN,
     SymmetricWeight,
@@ -72,6 +73,7 @@ class LayerFold:
     acts: dict[Act, ActVectors]
     head_factor: float | None  # head_dim^-½ of the removed q Mul (None: q not folded)
     int4_block: int  # 0: INT8 weights
+    weight_groups: int = DEFAULT_WEIGHT_GROUPS  # scale groups of a re-quantized folded weight
 
 
 @dataclass(frozen=True)
@@ -150,14 +152,16 @@ def plan_linear(fold: LayerFold, linear: str) -> tuple[Edit, int] | None:
     sym, plan_codes, plan_zero = _weight(fold, quant, found.weight, in_scale, order)
     dq_scale: NDArray[np.floating] = sym.scale.astype(np.float64) * (
         1.0 if factor is None else factor
-    )
+    )  # [out], or [groups, out] with scale groups
     dq_scale = as_dtype(dq_scale, dtype, module)
     if np.any(dq_scale <= 0):
         raise PlanError(f"plan weight {module}: a folded scale underflows in {dtype}")
     matrix = sym.folded_values().T.astype(np.float64) + _lorc_matrix(quant, order)
     new_b = as_dtype(fold_bias(found.bias.values, matrix, in_zero, factor, offset), dtype, module)
     prepared = _Quantized(sym, plan_codes, plan_zero, dq_scale, factor, new_b)
-    if fold.int4_block:
+    if sym.group_of is not None:
+        edit, size = _grouped_edit(fold, found, prepared)
+    elif fold.int4_block:
         edit, size = _int4_edit(fold.graph, found, prepared, fold.int4_block)
     else:
         codes = np.ascontiguousarray(sym.codes.T)
@@ -297,12 +301,85 @@ def _weight(
     w32 = np.asarray(weight.values, np.float32)
     may_requantize = fold.plan.recipe.target is Target.ORT and quant.lorc is None
     try:
-        sym = trt_weight(w32.T, codes.T, scale, zero, quant.bits, in_scale, folded, may_requantize)
+        sym = trt_weight(
+            w32.T,
+            codes.T,
+            scale,
+            zero,
+            quant.bits,
+            in_scale,
+            folded,
+            may_requantize,
+            fold.weight_groups,
+        )
     except ValueError as exc:
         raise PlanError(
             f"plan weight {quant.fqn}: {exc}; recalibrate with --target tensorrt"
         ) from None
     return sym, codes.astype(np.int64), zero.astype(np.int64)
+
+
+def _grouped_edit(fold: LayerFold, linear: Linear, prepared: _Quantized) -> tuple[Edit, int]:
+    """One GEMM for all activation-scale groups (rptq.quant.trt_weights.scale_groups).
+
+    Group g's codes (the folded weight's codes on its input channels, 0 elsewhere) with its own
+    scale per output channel sit side by side in one weight [in, groups x out]: a single
+    DequantizeLinear (per column, or INT4 blocks) into a single MatMul, the pattern TensorRT
+    (and ONNX Runtime) fuse into one integer GEMM. Its output is split into the groups'
+    products, which are summed: codes·scale[group] of every input channel.
+    """
+    sym = prepared.symmetric
+    assert sym.group_of is not None
+    groups, out_ch = prepared.dq_scale.shape
+    block = fold.int4_block
+    in_ch = sym.codes.shape[1]
+    if block and in_ch % block:
+        raise ConfigError(
+            f"{linear.module} has {in_ch} input channels, not a multiple of --int4-block "
+            f"{block}; use the other block size or INT8 weights"
+        )
+    if block and (sym.codes.min(initial=0) < INT4_MIN or sym.codes.max(initial=0) > INT4_MAX):
+        raise ConfigError(f"{linear.module}: INT4 weights need --wbits 4 or less")
+    member = sym.group_of[:, None] == np.arange(groups)[None, :]  # [in, groups]
+    codes = np.concatenate(
+        [np.where(member[:, g : g + 1], sym.codes.T, 0) for g in range(groups)], axis=1
+    )  # [in, groups x out], group-major columns like the flattened scale
+    scale = np.ascontiguousarray(prepared.dq_scale.reshape(-1))
+    if block:
+        codes = codes.astype(ml_dtypes.int4)
+        scale = np.ascontiguousarray(int4_block_scales(scale, in_ch, block))
+        zero: NDArray[np.generic] = np.zeros(scale.shape, ml_dtypes.int4)
+        attrs = {"axis": BLOCK_AXIS, "block_size": block}
+    else:
+        codes = codes.astype(np.int8)
+        zero = np.zeros(scale.shape, np.int8)
+        attrs = {"axis": WEIGHT_AXIS}
+    codes = np.ascontiguousarray(codes)
+    n = names.weight_groups(linear.module, groups)
+    sizes = np.full(groups, out_ch, np.int64)
+
+    def edit() -> None:
+        _dequantize(fold.graph, linear, codes, scale, zero, attrs)
+        product = linear.matmul.outputs[0]
+        product.shape = None  # [..., groups x out] now
+        dtype = product.dtype
+        parts = [gs.Variable(n[f"part{g}"], dtype=dtype) for g in range(groups)]
+        summed = gs.Variable(n["output"], dtype=dtype)
+        fold.graph.nodes += [
+            gs.Node(
+                "Split",
+                name=n["split_node"],
+                attrs={"axis": -1},
+                inputs=[product, gs.Constant(n["split_sizes"], sizes)],
+                outputs=parts,
+            ),
+            gs.Node("Sum", name=n["sum_node"], inputs=list(parts), outputs=[summed]),
+        ]
+        linear.add.inputs[0] = summed
+        linear.bias.values = prepared.bias
+
+    size = packed_nbytes(codes.dtype, codes.size) + scale.nbytes
+    return edit, size + packed_nbytes(zero.dtype, zero.size) + sizes.nbytes
 
 
 def _dequantize(
