@@ -3,11 +3,11 @@
 Rows: rptq's FP32 and FP16 exports, the default-target recipes (W4A16, W4A8, W4A4, W4A4KV,
 W3A3KV), the TensorRT variant (W8A8, W4A8) run in ORT, and ORT's own `quantize_dynamic` (W8A8
 dynamic) and `MatMulNBitsQuantizer` (W4, block 32) applied to rptq's FP32 export. Columns:
-median latency of a batch-1 512-token prefill and of a 1-token call (no KV-cache graph exists
-yet, so this is a decode step's GEMV cost without the cache), peak RSS of the process that
-creates the session and runs it, file size, logit SQNR against the FP32 export on the same
-512 tokens, and what ORT made of the weights (integer MatMuls, weight DequantizeLinear nodes
-left in float; rptq.runtime.ort_kernels).
+median latency of a batch-1 512-token prefill (empty KV cache) and of a decode step (1 token on
+the 512-token cache the prefill returned; rptq.runtime.decode), the KV cache's bytes per token,
+peak RSS of the process that creates the session and runs it, file size, logit SQNR against
+the FP32 export on the same 512 tokens, and what ORT made of the weights (integer MatMuls,
+weight DequantizeLinear nodes left in float; rptq.runtime.ort_kernels).
 
 Models are random-weight checkpoints of published OPT shapes (bench/make_random_opt.py):
 speed depends on shapes, not values; perplexity of a random model means nothing, so there is
@@ -45,12 +45,14 @@ from common import (  # noqa: E402
 SCRIPT = str(Path(__file__).resolve())
 PREFILL_TOKENS = 512
 MEMORY_LIMIT = 20 * 2**30
+_W4A4KV = ["--wbits", "4", "--abits", "4", "--only-quant-kv"]
 # label -> (rptq-export flags, ORT MatMulNBits accuracy level the session uses)
 RECIPES: dict[str, list[str]] = {
     "W4A16": ["--wbits", "4"],
     "W4A8": ["--wbits", "4", "--abits", "8"],
     "W4A4": ["--wbits", "4", "--abits", "4"],
-    "W4A4KV": ["--wbits", "4", "--abits", "4", "--only-quant-kv"],
+    "W4A4KV": _W4A4KV,
+    "W4A4KV, int8 cache": [*_W4A4KV, "--kv-cache-dtype", "int8"],
     "W3A3KV": ["--wbits", "3", "--abits", "3", "--only-quant-kv"],
     "W8A8 tensorrt": ["--wbits", "8", "--abits", "8", "--target", "tensorrt"],
     "W4A8 tensorrt": ["--wbits", "4", "--abits", "8", "--target", "tensorrt"],
@@ -69,10 +71,17 @@ def _log(message: str) -> None:
 
 
 def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, ref: Path) -> None:
-    """Session creation, prefill and 1-token medians, and logits (saved, or SQNR vs `ref`)."""
+    """Session creation, prefill and decode-step medians, and logits (saved, or SQNR vs `ref`).
+
+    A decoder-with-past graph (rptq's default export) is timed as a generator runs it: the
+    prefill is 512 tokens on an empty cache, a decode step is 1 token on the 512-token cache
+    that prefill returned. A prefill-only graph (--no-cache, or an older export) has no cache,
+    so its "decode" is a 1-token call with no context, and the row says so.
+    """
     import numpy as np
     import onnxruntime as ort
 
+    from rptq.runtime.decode import DecoderSession, is_with_past
     from rptq.runtime.ort import session_options
 
     options = session_options(optimize=True)
@@ -83,19 +92,35 @@ def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, r
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     session_s = time.perf_counter() - started
     ids = np.random.default_rng(0).integers(3, 50000, size=(1, PREFILL_TOKENS), dtype=np.int64)
+    next_token = ids[:, :1]
+    with_past = is_with_past(session)
+    decoder = DecoderSession(session) if with_past else None
 
-    def run(tokens: np.ndarray) -> tuple[float, np.ndarray]:
+    def prefill() -> tuple[float, np.ndarray, list]:
         start = time.perf_counter()
-        (logits,) = session.run(
-            ["logits"], {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
-        )
-        return time.perf_counter() - start, logits
+        if decoder is None:
+            (logits,) = session.run(
+                ["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            )
+            return time.perf_counter() - start, logits, []
+        logits, present = decoder.step(ids, np.ones_like(ids), decoder.empty_cache(1))
+        return time.perf_counter() - start, logits, present
 
-    _, logits = run(ids)  # warm-up, and the logits for SQNR
-    prefill = [run(ids)[0] for _ in range(repeats)]
-    one = ids[:, :1]
-    run(one)
-    single = [run(one)[0] for _ in range(repeats * 4)]
+    def decode(cache: list) -> float:
+        start = time.perf_counter()
+        if decoder is None:
+            session.run(
+                ["logits"], {"input_ids": next_token, "attention_mask": np.ones_like(next_token)}
+            )
+        else:
+            mask = np.ones((1, PREFILL_TOKENS + 1), np.int64)
+            decoder.step(next_token, mask, cache)
+        return time.perf_counter() - start
+
+    _, logits, cache = prefill()  # warm-up, and the logits for SQNR
+    prefills = [prefill()[0] for _ in range(repeats)]
+    decode(cache)
+    steps = [decode(cache) for _ in range(repeats * 4)]
     logits = np.asarray(logits, np.float32)
     sqnr = None
     if ref.exists():
@@ -108,8 +133,10 @@ def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, r
         json.dumps(
             {
                 "session_s": session_s,
-                "prefill_ms": 1e3 * statistics.median(prefill),
-                "one_token_ms": 1e3 * statistics.median(single),
+                "prefill_ms": 1e3 * statistics.median(prefills),
+                "decode_ms": 1e3 * statistics.median(steps),
+                "with_past": with_past,
+                "cache_bytes_per_token": decoder.cache_bytes_per_token if decoder else None,
                 "sqnr_db": sqnr,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }
@@ -332,13 +359,14 @@ def table(tag: str, rows: list[Row]) -> str:
     lines = [
         f"#### {tag}",
         "",
-        "| graph | prefill 512 (ms) | x FP32 | 1-token call (ms) | x FP32 | peak RSS (GiB) | "
-        "x FP32 | file (MiB) | logit SQNR vs FP32 (dB) | integer MatMuls / weight DQ left |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| graph | prefill 512 (ms) | x FP32 | decode step, 512 cached (ms) | x FP32 | "
+        "KV cache (KiB/token) | peak RSS (GiB) | x FP32 | file (MiB) | logit SQNR vs FP32 (dB) "
+        "| integer MatMuls / weight DQ left |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in rows:
         if row.result is None:
-            lines.append(f"| {row.label} | not run: {row.error or 'no graph'} |||||||||")
+            lines.append(f"| {row.label} | not run: {row.error or 'no graph'} ||||||||||")
             continue
         r = row.result
 
@@ -354,9 +382,13 @@ def table(tag: str, rows: list[Row]) -> str:
             else "not counted"
         )
         label = row.label + (f" ({row.note})" if row.note else "")
+        if not r.get("with_past", False):
+            label += " (no KV cache: the decode column is a 1-token call without context)"
+        cache = r.get("cache_bytes_per_token")
+        cache_text = "n/a" if cache is None else f"{cache / 1024:.0f}"
         lines.append(
             f"| {label} | {r['prefill_ms']:.0f} | {ratio('prefill_ms')} | "
-            f"{r['one_token_ms']:.1f} | {ratio('one_token_ms')} | {rss} | "
+            f"{r['decode_ms']:.1f} | {ratio('decode_ms')} | {cache_text} | {rss} | "
             f"{rss_ratio} | {_size(row.path) / 2**20:.0f} | {sqnr} | {kernels} |"
         )
     return "\n".join(lines)
@@ -378,8 +410,9 @@ def _body(
             f"- ORT CPU provider, {args.threads} intra-op threads, batch 1, default optimisations "
             "(ORT_ENABLE_ALL) with rptq's session options (MatMulNBits accuracy_level 1 unless the "
             "row says 4); prefill: median of "
-            f"{args.repeats} runs of {PREFILL_TOKENS} tokens after a warm-up; 1-token call: median "
-            f"of {args.repeats * 4}; peak RSS: the whole worker process (Python, ORT, session "
+            f"{args.repeats} runs of {PREFILL_TOKENS} tokens after a warm-up, on an empty KV "
+            "cache; decode step: 1 token on the prefill's 512-token cache, median of "
+            f"{args.repeats * 4}; peak RSS: the whole worker process (Python, ORT, session "
             "creation, runs); SQNR: logits of the same 512 tokens against the FP32 export.",
             f"- calibration for the quantized rows: c4-sample, {args.nsamples} windows of "
             f"{args.seq_len} tokens, RTN weights, default clusters (speed does not depend on "
@@ -412,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
         "--layers", default="1.3b=4", help="decoder layers per size, e.g. 1.3b=4 (default: all)"
     )
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
-    parser.add_argument("--repeats", type=int, default=5, help="timed prefills (x4 1-token calls)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefills (x4 decode steps)")
     parser.add_argument("--nsamples", type=int, default=4, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=128, help="calibration window length")
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
