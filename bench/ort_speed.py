@@ -70,8 +70,10 @@ def _log(message: str) -> None:
 # workers (each runs in its own subprocess)
 
 
-def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, ref: Path) -> None:
-    """Session creation, prefill and decode-step medians, and logits (saved, or SQNR vs `ref`).
+def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path) -> None:
+    """Session creation, prefill and decode-step medians; the prefill logits go to
+    `out` with suffix .npy, and the driver computes their SQNR (in its own process, so that
+    loading two vocabulary-wide logit arrays does not count in this process's peak RSS).
 
     A decoder-with-past graph (rptq's default export) is timed as a generator runs it: the
     prefill is 512 tokens on an empty cache, a decode step is 1 token on the 512-token cache
@@ -121,14 +123,7 @@ def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, r
     prefills = [prefill()[0] for _ in range(repeats)]
     decode(cache)
     steps = [decode(cache) for _ in range(repeats * 4)]
-    logits = np.asarray(logits, np.float32)
-    sqnr = None
-    if ref.exists():
-        reference = np.load(ref)
-        noise = float(np.sum((logits.astype(np.float64) - reference) ** 2))
-        sqnr = 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / max(noise, 1e-30))
-    else:
-        np.save(ref, logits)
+    np.save(out.with_suffix(".npy"), np.asarray(logits, np.float32))
     out.write_text(
         json.dumps(
             {
@@ -137,7 +132,6 @@ def worker_time(path: Path, threads: int, repeats: int, level: int, out: Path, r
                 "decode_ms": 1e3 * statistics.median(steps),
                 "with_past": with_past,
                 "cache_bytes_per_token": decoder.cache_bytes_per_token if decoder else None,
-                "sqnr_db": sqnr,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }
         )
@@ -293,9 +287,7 @@ def build_rows(args: argparse.Namespace, size: str) -> list[Row]:
 
 def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
     """Time every row (FP32 first: its logits are the SQNR reference), then read its kernels."""
-    ref = args.work_dir / tag / "fp32-logits.npy"
-    if not args.reuse:
-        ref.unlink(missing_ok=True)
+    ref = args.work_dir / tag / "time-0.npy"  # the FP32 row's prefill logits
     for i, row in enumerate(rows):
         if row.path is None:
             continue
@@ -327,8 +319,6 @@ def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
                 str(row.level),
                 "--out",
                 str(out),
-                "--ref",
-                str(ref),
             ],
             env_repo=REPO,
         )
@@ -336,6 +326,8 @@ def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
             row.error = measured.error_line()
             continue
         row.result, row.peak_rss = json.loads(out.read_text()), measured.peak_rss_bytes
+        row.result["sqnr_db"] = _sqnr_db(out.with_suffix(".npy"), ref) if i else None
+        out.write_text(json.dumps(row.result))
         if row.level == 1 and (args.kernels == "all" or row.label in args.kernels.split(",")):
             kout = args.work_dir / tag / f"kernels-{i}.json"
             if _sub(
@@ -345,6 +337,17 @@ def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
                 env_repo=REPO,
             ).ok:
                 row.kernels = json.loads(kout.read_text())
+
+
+def _sqnr_db(logits_file: Path, ref_file: Path) -> float | None:
+    """Logit SQNR (dB) of a row's prefill logits against the FP32 row's, in float64."""
+    import numpy as np
+
+    if not (logits_file.exists() and ref_file.exists()):
+        return None
+    reference = np.load(ref_file).astype(np.float64)
+    noise = float(np.sum((np.load(logits_file).astype(np.float64) - reference) ** 2))
+    return float(10 * np.log10(float(np.sum(reference**2)) / max(noise, 1e-30)))
 
 
 def _size(path: Path) -> int:
@@ -432,7 +435,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--repeats", type=int, required=True)
     t.add_argument("--level", type=int, required=True)
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--ref", type=Path, required=True)
     k = sub.add_parser("kernels", help="worker: ORT's optimized graph")
     k.add_argument("path", type=Path)
     k.add_argument("--out", type=Path, required=True)
@@ -471,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a worker, or the whole benchmark and write its RESULTS.md section."""
     args = _parser().parse_args(argv)
     if args.worker == "time":
-        worker_time(args.path, args.threads, args.repeats, args.level, args.out, args.ref)
+        worker_time(args.path, args.threads, args.repeats, args.level, args.out)
         return 0
     if args.worker == "kernels":
         worker_kernels(args.path, args.out)
