@@ -7,7 +7,6 @@ so a typo costs a second, not a calibration run.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -302,21 +301,10 @@ def cmd_export(args: argparse.Namespace) -> Summary:
 
 
 def _onnx_seq_len(path: Path) -> tuple[int, Path | None]:
-    import onnx
+    """The context length an rptq graph was exported for (its shape metadata)."""
+    from rptq.stack_folder import read_graph_info
 
-    from rptq.exporter.opt import META_SHAPE
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file at all
-        raise ConfigError(
-            f"{path} is not an ONNX model ({type(exc).__name__}): pass a file written by "
-            "`rptq-export`"
-        ) from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if META_SHAPE not in meta:
-        raise ConfigError(f"{path} was not exported by rptq (no {META_SHAPE} metadata)")
-    return int(json.loads(meta[META_SHAPE])["max_positions"]), None
+    return read_graph_info(path).shape["max_positions"], None
 
 
 def cmd_eval(args: argparse.Namespace) -> Summary:

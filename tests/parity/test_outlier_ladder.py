@@ -9,33 +9,23 @@ FP model (which the ONNX graph matches, tests/parity/test_ort_parity.py) on rand
 """
 
 import pytest
-import torch
 
 from rptq.calib.runner import calibrate
-from rptq.model.load import from_module
-from rptq.outliers import make_outlier_opt
 from rptq.plan import Recipe
 from rptq.runtime.parity import sqnr_db
 from rptq.runtime.reference import ReferenceModel
 from tests.conftest import TINY_CLUSTERS
+from tests.parity.outliers import SEQ_LEN, OutlierCase, make_outlier_case
 
-SEQ_LEN = 32
 MARGIN_DB = 3.0  # RPTQ over per-tensor at A8 and A4 (issue 13)
 CHANNEL_SLACK_DB = 1.0  # RPTQ may trail per-channel by this much at A8 (issue 13)
 GAP_CLOSED_MIN = 0.5  # at A4: RPTQ's share of the per-tensor -> per-channel gain
-VOCAB = 512
 
 
 @pytest.fixture(scope="module")
-def outlier_case():
-    """A 2-layer random OPT (hidden 64, weights N(0, 0.05)) with 6 outlier channels."""
-    model = from_module(
-        make_outlier_opt(hidden_size=64, num_layers=2, ffn_dim=256, weight_std=0.05), "outliers"
-    )
-    generator = torch.Generator().manual_seed(1)
-    calib = torch.randint(0, VOCAB, (16, SEQ_LEN), generator=generator)
-    evals = torch.randint(0, VOCAB, (8, SEQ_LEN), generator=generator)
-    return model, calib, evals, ReferenceModel(model)(evals)
+def outlier_case() -> OutlierCase:
+    """The CI outlier model (tests/parity/outliers.py), built once per module."""
+    return make_outlier_case()
 
 
 def _sqnr(outlier_case, abits: int, granularity: str) -> float:

@@ -27,12 +27,9 @@ the default forms are run in ONNX Runtime against their references on the same m
 """
 
 import pytest
-import torch
 
 from rptq.calib.runner import calibrate
 from rptq.check.rules import check_model, errors
-from rptq.model.load import from_module
-from rptq.outliers import make_outlier_opt
 from rptq.plan import Recipe
 from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 from rptq.runtime.ort import OrtLogits, make_session
@@ -41,22 +38,14 @@ from rptq.runtime.reference import ReferenceModel
 from rptq.runtime.trt_reference import TrtReferenceModel
 from rptq.workflow import quantized_graph
 from tests.conftest import TINY_CLUSTERS
+from tests.parity.outliers import SEQ_LEN, OutlierCase, make_outlier_case
 from tests.tolerances import LOGITS_MIN_SQNR_DB, TRT_OUTLIER_MAX_LOSS_DB
-
-SEQ_LEN = 32
-VOCAB = 512
 
 
 @pytest.fixture(scope="module")
-def outlier_case():
-    """The ladder test's model: 2 layers, hidden 64, weights N(0, 0.05), 6 outlier channels."""
-    model = from_module(
-        make_outlier_opt(hidden_size=64, num_layers=2, ffn_dim=256, weight_std=0.05), "outliers"
-    )
-    generator = torch.Generator().manual_seed(1)
-    calib = torch.randint(0, VOCAB, (16, SEQ_LEN), generator=generator)
-    evals = torch.randint(0, VOCAB, (8, SEQ_LEN), generator=generator)
-    return model, calib, evals, ReferenceModel(model)(evals)
+def outlier_case() -> OutlierCase:
+    """The CI outlier model (tests/parity/outliers.py), built once per module."""
+    return make_outlier_case()
 
 
 @pytest.fixture(scope="module")
