@@ -187,6 +187,16 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
         "plan's K/V codes, 1 byte per element (needs quantized K/V; ONNX Runtime target)",
     )
     parser.add_argument(
+        "--act-quant-form",
+        choices=["auto", "elementwise", "qdq"],
+        default=None,
+        help="ONNX Runtime target: write per-cluster activation quantizers as elementwise "
+        "Div/Round/Max/Min/Mul (ORT's CPU provider runs per-axis Q/DQ ~50x slower) or as "
+        "per-axis QuantizeLinear/DequantizeLinear pairs (portable QDQ, for execution providers "
+        "that consume them); both compute the same values. auto (default): elementwise for "
+        "float32, qdq for float16",
+    )
+    parser.add_argument(
         "--trt-weight-groups",
         type=int,
         default=None,

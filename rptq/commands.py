@@ -160,6 +160,11 @@ def _pass_target(args: argparse.Namespace) -> Target:
         raise ConfigError("--int4-block applies to --target tensorrt only")
     if getattr(args, "trt_weight_groups", None) is not None and target is not Target.TRT:
         raise ConfigError("--trt-weight-groups applies to --target tensorrt only")
+    if getattr(args, "act_quant_form", None) is not None and target is Target.TRT:
+        raise ConfigError(
+            "--act-quant-form applies to --target ort only (the TensorRT variant writes "
+            "per-tensor Q/DQ); drop it"
+        )
     return target
 
 
@@ -176,6 +181,7 @@ def _export_options(args: argparse.Namespace, target: Target) -> ExportOptions:
         force=args.force,
         past=not args.no_cache,
         kv_cache_dtype=args.kv_cache_dtype,
+        act_quant_form=args.act_quant_form or "auto",
         **groups,
     )
 
@@ -242,6 +248,7 @@ def _export_summary(
         "files": [f"{path} ({human_bytes(size)})" for path, size in files or summary.files],
         "bits": summary.label,
         "target": target.cli,
+        "elementwise activation quantizers": summary.op_counts.get("Round", 0),
         "QuantizeLinear nodes": summary.op_counts.get("QuantizeLinear", 0),
         "DequantizeLinear nodes": summary.op_counts.get("DequantizeLinear", 0),
         "plan": plan_where if plan is not None else "none (FP export)",

@@ -11,6 +11,8 @@ scheme; golden tests pin it. Conventions:
 - activation tensor:        `<module>/<role>` where module/role come from ACT_TENSOR
 - Q/DQ on an activation:    `<act tensor>/QuantizeLinear`, `<act tensor>/DequantizeLinear`,
                             initializers `<act tensor>/scale`, `<act tensor>/zero_point`
+- elementwise quantizer:    `<act tensor>/Div|Round|Max|Min|Mul`, initializers
+                            `<act tensor>/scale`, `<act tensor>/code_min`, `<act tensor>/code_max`
 - reorder of a LayerNorm input: node `<ln module>/<R>/Gather`, indices `<ln module>/<R>/perm`
 - quantized weight: `<module>.weight_quantized` (+ `_scale`, `_zero_point`), node
   `<module>/weight/DequantizeLinear`, output `<module>.weight_dequantized`
@@ -79,11 +81,16 @@ def kv_cache(act_name: str) -> dict[str, str]:
     keeps them on the plan's grid, the Reshape/Transpose/Concat of the float graph then carry
     codes, and after the Concat `Cast -> Sub(<act>/cache/zero_point) -> Mul(<act>/cache/scale)`
     dequantizes the whole cache. `scale` and `zero_point` are float [H, 1, hd] (cache layout),
-    for clients too.
+    for clients too. Behind the elementwise quantizer (`act_quant`), `<act>/cache/Add` shifts
+    its codes by `<act>/cache/code_offset` (the zero point, +128 for uint8) and
+    `<act>/cache/narrow/Cast` writes them in the cache's type: no second quantization.
     """
     return {
         "quantize": f"{act_name}/cache/QuantizeLinear",
         "quantize_zero_point": f"{act_name}/cache/quantize_zero_point",
+        "offset_node": f"{act_name}/cache/Add",
+        "code_offset": f"{act_name}/cache/code_offset",
+        "shifted": f"{act_name}/cache/shifted_codes",
         "codes": f"{act_name}/cache/codes",
         "clip": f"{act_name}/cache/Clip",
         "clip_min": f"{act_name}/cache/clip_min",
@@ -138,6 +145,35 @@ def act_tensor(index: int, act: Act) -> str:
     """Name of activation `act` of layer `index` in the exported graph."""
     sub, role = ACT_TENSOR[act]
     return tensor(module(index, sub), role)
+
+
+def act_quant(act_name: str) -> dict[str, str]:
+    """Names of the elementwise per-cluster quantizer on activation tensor `act_name` (the
+    ONNX Runtime target's default form, docs/graph.md "ONNX Runtime kernels"):
+    `Div(<act>/scale) -> Round -> Max(<act>/code_min) -> Min(<act>/code_max)` makes the codes
+    minus the zero point (`<act>/codes`), `Mul(<act>/scale)` dequantizes them into
+    `<act>/dequantized`, the tensor the per-axis Q/DQ form writes too. float16 graphs compute
+    it in float32 between `<act>/float32/Cast` and `<act>/Cast`, as ORT's Q/DQ kernels do.
+    """
+    return {
+        "cast_in_node": f"{act_name}/float32/Cast",
+        "float32_input": f"{act_name}/float32",
+        "div_node": f"{act_name}/Div",
+        "scale": f"{act_name}/scale",
+        "scaled": f"{act_name}/scaled",
+        "round_node": f"{act_name}/Round",
+        "rounded": f"{act_name}/rounded",
+        "max_node": f"{act_name}/Max",
+        "code_min": f"{act_name}/code_min",
+        "codes_low": f"{act_name}/codes_low",
+        "min_node": f"{act_name}/Min",
+        "code_max": f"{act_name}/code_max",
+        "codes": f"{act_name}/codes",
+        "mul_node": f"{act_name}/Mul",
+        "dequantized_float32": f"{act_name}/dequantized_float32",
+        "cast_out_node": f"{act_name}/Cast",
+        "dequantized": f"{act_name}/dequantized",
+    }
 
 
 def qdq(act_name: str) -> dict[str, str]:

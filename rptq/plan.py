@@ -64,6 +64,12 @@ ABITS_CHOICES = (3, 4, 8, 16)
 # The with-past graph's cache type (rptq.exporter.options, rptq.passes.kv_cache): the export's
 # float type, or the plan's K/V codes in one byte
 KvCacheDtype = Literal["float", "int8", "uint8"]
+# How the ONNX Runtime target writes a per-cluster (per-axis) activation quantizer (docs/graph.md,
+# "ONNX Runtime kernels"): "elementwise" Div -> Round -> Max -> Min -> Mul, which ORT's CPU
+# provider runs at per-tensor speed, or the portable per-axis "qdq" QuantizeLinear/DequantizeLinear
+# pair that other execution providers consume; both compute the same values. "auto": elementwise
+# in float32 exports (the CPU format), qdq in float16 ones (rptq.passes.elementwise_quant).
+ActQuantForm = Literal["auto", "elementwise", "qdq"]
 
 
 class Target(StrEnum):

@@ -18,7 +18,7 @@ from rptq.calib.runner import calibrate
 from rptq.exporter.options import ExportDtype, ExportOptions
 from rptq.log import Progress
 from rptq.model.load import LoadedModel
-from rptq.plan import KvCacheDtype, QuantPlan, Recipe, Target
+from rptq.plan import ActQuantForm, KvCacheDtype, QuantPlan, Recipe, Target
 from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 from rptq.runtime.perplexity import PerplexityResult, perplexity
 
@@ -79,12 +79,14 @@ def quantized_graph(
     past: bool = False,
     kv_cache_dtype: KvCacheDtype = "float",
     trt_weight_groups: int = DEFAULT_WEIGHT_GROUPS,
+    act_quant_form: ActQuantForm = "auto",
 ) -> onnx.ModelProto:
     """The whole graph in memory, with the plan's reorders folded and its Q/DQ inserted (FP if
     no plan), in the canonical layout (rptq.exporter.parts) that `export_onnx` writes.
 
     `past` builds the decoder-with-past graph; `kv_cache_dtype` int8/uint8 stores its cache as
-    the plan's K/V codes (ExportOptions checks the combination).
+    the plan's K/V codes (ExportOptions checks the combination). `act_quant_form` ("ort" only)
+    writes per-cluster activation quantizers as elementwise ops or per-axis Q/DQ pairs.
 
     `target` "trt" writes the TensorRT variant (docs/tensorrt-rules.md, "Implementation");
     `int4_block_size` (64/128, "trt" only) stores its weights as blocked INT4 and
@@ -98,7 +100,15 @@ def quantized_graph(
     from rptq.passes.kv_cache import check_cache_plan
     from rptq.passes.pipeline import run_passes
 
-    ExportOptions(dtype, opset, target, int4_block_size, past=past, kv_cache_dtype=kv_cache_dtype)
+    ExportOptions(
+        dtype,
+        opset,
+        target,
+        int4_block_size,
+        past=past,
+        kv_cache_dtype=kv_cache_dtype,
+        act_quant_form=act_quant_form,
+    )
     check_cache_plan(plan, kv_cache_dtype, model.shape.num_layers)
     graph = build_fp_graph(model, dtype, opset, past, kv_cache_dtype)
     if plan is not None:
@@ -109,6 +119,7 @@ def quantized_graph(
             int4_block_size=int4_block_size,
             kv_cache_dtype=kv_cache_dtype,
             trt_weight_groups=trt_weight_groups,
+            act_quant_form=act_quant_form,
         )
         graph, results = run_passes(graph, ctx)
         for result in results:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from rptq.errors import ConfigError
-from rptq.plan import KvCacheDtype, Target
+from rptq.plan import ActQuantForm, KvCacheDtype, Target
 from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 
 ExportDtype = Literal["float32", "float16"]
@@ -26,6 +26,9 @@ class ExportOptions:
     `past` writes the decoder-with-past graph (docs/graph.md, "Decoder with past"); the library
     default stays the prefill graph, so every existing export keeps its bytes. `kv_cache_dtype`
     int8/uint8 (with `past`, ONNX Runtime target) stores the cache as the plan's K/V codes.
+    `act_quant_form` (ONNX Runtime target) writes per-cluster activation quantizers as
+    elementwise ops (fast in ORT's CPU provider) or per-axis Q/DQ pairs (portable); "auto" picks
+    elementwise for float32 and qdq for float16 (rptq.passes.elementwise_quant).
     """
 
     dtype: ExportDtype = "float32"
@@ -37,6 +40,7 @@ class ExportOptions:
     force: bool = False
     past: bool = False
     kv_cache_dtype: KvCacheDtype = "float"
+    act_quant_form: ActQuantForm = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in get_args(ExportDtype):
@@ -57,6 +61,11 @@ class ExportOptions:
             raise ConfigError(
                 f"--kv-cache-dtype {self.kv_cache_dtype} is for the ONNX Runtime target only "
                 "(TensorRT keeps a float cache); use --kv-cache-dtype float with --target tensorrt"
+            )
+        if self.act_quant_form not in get_args(ActQuantForm):
+            raise ConfigError(
+                f"--act-quant-form {self.act_quant_form} is not supported; use auto, "
+                "elementwise or qdq"
             )
         if self.trt_weight_groups < 1:
             raise ConfigError(f"--trt-weight-groups must be >= 1, got {self.trt_weight_groups}")

@@ -153,6 +153,7 @@ def export_streamed(
                     int4_block_size=options.int4_block_size,
                     kv_cache_dtype=options.kv_cache_dtype,
                     trt_weight_groups=options.trt_weight_groups,
+                    act_quant_form=options.act_quant_form,
                 )
                 graph, _ = transform_graph(fragment, ctx)
                 export = OnnxExporter.export_value_info_proto

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
 
 from rptq.errors import ConfigError, GraphPatternError
-from rptq.plan import KvCacheDtype, QuantPlan, ReorderSite, Target
+from rptq.plan import ActQuantForm, KvCacheDtype, QuantPlan, ReorderSite, Target
 from rptq.quant.trt_weights import DEFAULT_WEIGHT_GROUPS
 
 OPSET = 21  # INT4/INT16 Q/DQ and per-axis activation scales need opset 21
@@ -43,6 +43,9 @@ class PassContext:
     # target "trt" only: scale groups of a weight re-quantized with a folded activation scale
     # (rptq.quant.trt_weights.scale_groups: one GEMM per group; 1 = one scale per output row)
     trt_weight_groups: int = DEFAULT_WEIGHT_GROUPS
+    # target "ort": how a per-cluster activation quantizer is written (rptq.plan.ActQuantForm;
+    # "auto": by the graph's float type; the TensorRT variant always writes per-tensor Q/DQ)
+    act_quant_form: ActQuantForm = "auto"
 
     def __post_init__(self) -> None:
         if self.target not in {t.value for t in Target}:
@@ -69,6 +72,11 @@ class PassContext:
             raise ConfigError(
                 f"--kv-cache-dtype {self.kv_cache_dtype} is for the ONNX Runtime target only; "
                 "use --kv-cache-dtype float with --target tensorrt"
+            )
+        if self.act_quant_form not in get_args(ActQuantForm):
+            raise ConfigError(
+                f"--act-quant-form {self.act_quant_form} is not supported; use auto, "
+                "elementwise or qdq"
             )
         self.plan.check_target(self.target)
 

@@ -15,6 +15,13 @@ when the weight's DequantizeLinear is its *only* DequantizeLinear parent, so an 
 activation DQ feeding the MatMul directly leaves the weight dequantized to float on every call
 (docs/graph.md, "ONNX Runtime kernels"). Every activation read by a quantized linear therefore
 reaches it through the clamp, also on 8-bit grids where the clamp changes no value.
+
+That per-axis pair is the portable form (`act_quant_form="qdq"`). ONNX Runtime's CPU provider
+runs a per-axis QuantizeLinear/DequantizeLinear on the channel axis element by element, about
+50x slower than per tensor (bench/RESULTS.md, ort_qdq_kernels), so the ONNX Runtime target's
+default for float32 graphs (`"auto"`, or `"elementwise"`) writes each per-cluster quantizer as
+the same arithmetic in plain ops (rptq.passes.elementwise_quant). Per-tensor activations
+(attn_probs) keep their Q/DQ pair in both forms: ORT runs it at full speed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from numpy.typing import NDArray
 from rptq import names
 from rptq.errors import GraphPatternError, PlanError
 from rptq.passes.context import PassContext, PassResult, check_site_folded, folded_sites
+from rptq.passes.elementwise_quant import elementwise_form, insert_elementwise
 from rptq.passes.graph_ops import GraphIndex, graph_float_dtype, rewire_consumers
 from rptq.plan import ActQuant, QuantPlan, ReorderSite
 from rptq.points import LINEAR_INPUT_ACT, SITE_OF
@@ -52,6 +60,7 @@ class ActQdq:
     zero: NDArray[np.signedinteger]
     clip: tuple[NDArray[np.floating], NDArray[np.floating]] | None  # (low, high) or no clamp
     axis: int | None  # None: per tensor
+    bits: int  # the grid's width (the container may be wider)
 
 
 def _site_of(plan: QuantPlan, quant: ActQuant) -> ReorderSite | None:
@@ -128,6 +137,7 @@ def _prepare(
         zero=np.asarray(zero).astype(_CONTAINERS[container]),
         clip=clip,
         axis=axis,
+        bits=quant.bits,
     )
 
 
@@ -187,7 +197,8 @@ def _insert(graph: gs.Graph, item: ActQdq, dtype: np.dtype) -> int:
 
 
 def insert_act_qdq(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """Quantize each plan activation with per-axis (per-cluster) or per-tensor Q/DQ.
+    """Quantize each plan activation per cluster (per-axis Q/DQ, or the elementwise form when
+    `ctx.act_quant_form` says so) or per tensor (Q/DQ).
 
     Preconditions, checked for every activation before the first edit: the tensor exists with a
     producer and consumers, has no Q/DQ yet, its site was folded (non-identity permutation) and
@@ -200,15 +211,21 @@ def insert_act_qdq(graph: gs.Graph, ctx: PassContext) -> PassResult:
     index = GraphIndex(graph)
     folded = folded_sites(graph)
     items = [_prepare(index, plan, quant, dtype, folded) for quant in plan.acts]
-    clamps = sum(_insert(graph, item, dtype) for item in items)
-    wide = sum(1 for item in items if item.zero.dtype == np.int16)
+    per_axis_elementwise = elementwise_form(ctx.act_quant_form, dtype)
+    elementwise = [item for item in items if per_axis_elementwise and item.axis is not None]
+    pairs = [item for item in items if not (per_axis_elementwise and item.axis is not None)]
+    clamps = sum(_insert(graph, item, dtype) for item in pairs)
+    for item in elementwise:
+        insert_elementwise(graph, item.tensor, item.scale, item.zero, item.bits, dtype)
+    wide = sum(1 for item in pairs if item.zero.dtype == np.int16)
     return PassResult(
         insert_act_qdq.__name__,
         counts={
-            "quantize_linear": len(items),
-            "dequantize_linear": len(items),
+            "quantize_linear": len(pairs),
+            "dequantize_linear": len(pairs),
             "clamp_nodes": clamps,
             "int16_containers": wide,
+            "elementwise_quantizers": len(elementwise),
         },
         touched=tuple(item.tensor.name for item in items),
     )

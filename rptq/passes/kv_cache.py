@@ -1,12 +1,14 @@
 """Store the KV cache of a with-past graph as the plan's K/V codes (1 byte per element).
 
 After insert_act_qdq, each layer's new keys and values already pass through the plan's
-per-cluster QuantizeLinear before they are reshaped into heads and appended to the cache
-(docs/graph.md, "Decoder with past"). This pass moves the cache to the integer side of that
-Q/DQ: a QuantizeLinear with the same scales writes the codes in the cache's type (zero point
-shifted by 128 for uint8), a Clip keeps them on RPTQ's bits-wide grid, the Reshape/Transpose/
-Concat carry codes, so `past_key_values.*` and `present.*` are int8/uint8, and right after the
-Concat the whole cache is dequantized: Cast -> Sub(zero point) -> Mul(scale).
+per-cluster quantizer before they are reshaped into heads and appended to the cache (docs/graph.md,
+"Decoder with past"). This pass moves the cache to the integer side of that quantizer. Behind
+the elementwise form (rptq.passes.elementwise_quant) the codes are already on RPTQ's grid: an Add
+of the zero point (+128 for uint8) and a Cast write them in the cache's type. Behind a per-axis
+Q/DQ pair, a QuantizeLinear with the same scales writes them (zero point shifted likewise) and a
+Clip keeps them on the bits-wide grid. The Reshape/Transpose/Concat then carry codes, so
+`past_key_values.*` and `present.*` are int8/uint8, and right after the Concat the whole cache is
+dequantized: Cast -> Sub(zero point) -> Mul(scale).
 
 The dequantization is written out rather than a DequantizeLinear because ONNX's per-axis
 DequantizeLinear takes a 1-D scale on one axis, while in the cache layout [B, H, P, hd] a
@@ -37,8 +39,9 @@ CACHE_TYPES: dict[str, type[np.integer]] = {"int8": np.int8, "uint8": np.uint8}
 CODE_SHIFT = {"int8": 0, "uint8": 128}
 _ACTS = ((Act.K, "k"), (Act.V, "v"))
 _PATTERN = (
-    "<act>/QuantizeLinear -> DequantizeLinear [-> Max -> Min] -> <attn>/{r}_reshape -> "
-    "{r}_transpose -> {r}_concat (with the past input) -> present (docs/graph.md)"
+    "<act>/QuantizeLinear -> DequantizeLinear [-> Max -> Min] (or <act>/Div -> Round -> Max -> "
+    "Min -> Mul) -> <attn>/{r}_reshape -> {r}_transpose -> {r}_concat (with the past input) -> "
+    "present (docs/graph.md)"
 )
 
 
@@ -47,7 +50,8 @@ class CacheEdit:
     """One layer's key or value cache: the nodes found and the constants to add."""
 
     act_name: str
-    source: gs.Variable  # the float activation the plan's QuantizeLinear reads
+    # the float activation the plan's QuantizeLinear reads, or the elementwise quantizer's codes
+    source: gs.Variable
     scale: gs.Constant  # per-channel, graph (folded) order, the plan's Q/DQ scale
     reshape: gs.Node
     transpose: gs.Node
@@ -56,6 +60,7 @@ class CacheEdit:
     present: gs.Variable
     quantize_zero: NDArray[np.integer]  # the cache Q's zero point, per channel
     clip: tuple[NDArray[np.integer], NDArray[np.integer]] | None
+    offset: NDArray[np.float32] | None  # elementwise form: codes + offset are the cache's codes
     cache_scale: NDArray[np.floating]  # [H, 1, hd]
     cache_zero: NDArray[np.floating]  # [H, 1, hd]
 
@@ -110,14 +115,22 @@ def _prepare(
     qdq = names.qdq(act_name)
     attn = names.module(layer, "self_attn")
     pattern = _PATTERN.format(r=role)
-    if names.kv_cache(act_name)["quantize"] in index.nodes:
-        raise GraphPatternError(f"node {names.kv_cache(act_name)['quantize']} exists already")
-    quantize = index.node(qdq["quantize"], "QuantizeLinear", pattern)
-    source, scale, zero = quantize.inputs[0], quantize.inputs[1], quantize.inputs[2]
-    if not isinstance(source, gs.Variable) or not isinstance(scale, gs.Constant):
-        raise GraphPatternError(f"node {quantize.name} does not read {act_name}; {pattern}")
-    if not isinstance(zero, gs.Constant):
-        raise GraphPatternError(f"node {quantize.name} has no constant zero point; {pattern}")
+    cache_names = names.kv_cache(act_name)
+    for key in ("quantize", "offset_node"):
+        if cache_names[key] in index.nodes:
+            raise GraphPatternError(f"node {cache_names[key]} exists already")
+    if qdq["quantize"] in index.nodes:
+        quantize = index.node(qdq["quantize"], "QuantizeLinear", pattern)
+        source, scale, zero = quantize.inputs[0], quantize.inputs[1], quantize.inputs[2]
+        if not isinstance(source, gs.Variable) or not isinstance(scale, gs.Constant):
+            raise GraphPatternError(f"node {quantize.name} does not read {act_name}; {pattern}")
+        if not isinstance(zero, gs.Constant):
+            raise GraphPatternError(f"node {quantize.name} has no constant zero point; {pattern}")
+        zero_values = np.asarray(zero.values).astype(np.int64)
+        codes = None
+    else:
+        codes, scale, zero_values = _elementwise_codes(index, act_name, quant.bits, pattern)
+        source = codes
     dequantized = index.tensors.get(qdq["dequantized"])
     if dequantized is None:
         raise GraphPatternError(f"tensor {qdq['dequantized']} not found; expected {pattern}")
@@ -140,12 +153,11 @@ def _prepare(
     assert isinstance(present, gs.Variable)
     shift = CODE_SHIFT[kind]
     qmin, qmax = grid_bounds(quant.bits)
-    zero_values = np.asarray(zero.values).astype(np.int64)
     width = zero_values.shape[0] if zero_values.ndim == 1 else 0
     if width == 0 or width % heads:
         raise GraphPatternError(
-            f"node {quantize.name} has zero point shape {list(zero_values.shape)}; expected one "
-            f"per channel ({heads} heads)"
+            f"quantizer of {act_name} has zero point shape {list(zero_values.shape)}; expected "
+            f"one per channel ({heads} heads)"
         )
     info = np.iinfo(CACHE_TYPES[kind])
     shifted = zero_values + shift
@@ -175,12 +187,34 @@ def _prepare(
         present=present,
         quantize_zero=shifted.astype(container),
         clip=clip,
+        offset=None if codes is None else shifted.astype(np.float32),
         cache_scale=scale_values.astype(dtype),
         cache_zero=shifted.reshape(heads, 1, head_dim).astype(dtype),
     )
 
 
+def _elementwise_codes(
+    index: GraphIndex, act_name: str, bits: int, pattern: str
+) -> tuple[gs.Variable, gs.Constant, NDArray[np.int64]]:
+    """The elementwise quantizer's codes tensor, its scale and its zero points (graph order),
+    read back from its code bounds: z = qmin - code_min."""
+    n = names.act_quant(act_name)
+    clamp = index.node(n["min_node"], "Min", pattern)
+    low = index.node(n["max_node"], "Max", pattern)
+    divide = index.node(n["div_node"], "Div", pattern)
+    codes, scale, code_min = clamp.outputs[0], divide.inputs[1], low.inputs[1]
+    if not isinstance(scale, gs.Constant) or not isinstance(code_min, gs.Constant):
+        raise GraphPatternError(f"node {divide.name} or {low.name} has no constant; {pattern}")
+    assert isinstance(codes, gs.Variable)
+    qmin, _ = grid_bounds(bits)
+    zero = qmin - np.asarray(code_min.values, dtype=np.float64)
+    return codes, scale, np.rint(zero).astype(np.int64)
+
+
 def _apply(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: np.dtype) -> None:
+    if edit.offset is not None:
+        _apply_codes(graph, edit, cache_type, dtype)
+        return
     n = names.kv_cache(edit.act_name)
     shape = edit.source.shape
     zero = gs.Constant(n["quantize_zero_point"], edit.quantize_zero)
@@ -226,6 +260,38 @@ def _apply(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: np.dty
             )
         )
         codes = narrowed
+    _carry_codes(graph, edit, codes, cache_type, dtype)
+
+
+def _apply_codes(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: np.dtype) -> None:
+    """Behind the elementwise quantizer: cache codes = Cast(codes + offset), already on the grid."""
+    n = names.kv_cache(edit.act_name)
+    assert edit.offset is not None
+    shape = edit.source.shape
+    shifted = gs.Variable(n["shifted"], dtype=np.float32, shape=shape)
+    offset = gs.Constant(n["code_offset"], edit.offset)
+    graph.nodes.append(
+        gs.Node("Add", name=n["offset_node"], inputs=[edit.source, offset], outputs=[shifted])
+    )
+    codes = gs.Variable(n["narrowed"], dtype=cache_type, shape=shape)
+    graph.nodes.append(
+        gs.Node(
+            "Cast",
+            name=n["narrow_node"],
+            attrs={"to": _onnx_type(cache_type)},
+            inputs=[shifted],
+            outputs=[codes],
+        )
+    )
+    _carry_codes(graph, edit, codes, cache_type, dtype)
+
+
+def _carry_codes(
+    graph: gs.Graph, edit: CacheEdit, codes: gs.Variable, cache_type: np.dtype, dtype: np.dtype
+) -> None:
+    """Feed `codes` to the cache's Reshape -> Transpose -> Concat and dequantize the Concat's
+    output (the whole cache) for the attention that reads it."""
+    n = names.kv_cache(edit.act_name)
     edit.reshape.inputs[0] = codes
     for tensor in (edit.reshape.outputs[0], edit.transpose.outputs[0], edit.past, edit.present):
         tensor.dtype = cache_type

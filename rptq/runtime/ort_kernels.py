@@ -11,6 +11,7 @@ reliable check is the optimized graph itself, written by the session
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ class KernelReport:
 
     op_counts: dict[str, int]
     float_weight_dequantize: tuple[str, ...]  # DQ nodes whose codes are an initializer
+    # Q/DQ nodes on an activation with a scale per channel: ORT's CPU provider runs these
+    # element by element, about 50x slower than per tensor (rptq.passes.elementwise_quant)
+    per_axis_activation_qdq: tuple[str, ...] = ()
 
     @property
     def integer_matmuls(self) -> int:
@@ -62,4 +66,12 @@ def kernel_report(model: onnx.ModelProto | str | Path) -> KernelReport:
         for node in graph.node
         if node.op_type == "DequantizeLinear" and node.input[0] in initializers
     )
-    return KernelReport(dict(Counter(node.op_type for node in graph.node)), left)
+    sizes = {init.name: math.prod(init.dims) for init in graph.initializer}
+    per_axis = tuple(
+        node.name
+        for node in graph.node
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+        and node.input[0] not in initializers
+        and sizes.get(node.input[1], 1) > 1
+    )
+    return KernelReport(dict(Counter(node.op_type for node in graph.node)), left, per_axis)

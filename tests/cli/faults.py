@@ -267,6 +267,11 @@ FAULTS: tuple[Fault, ...] = (
     Fault("trt-groups-ort", "--trt-weight-groups without --target tensorrt",
           ("export", "{model}", "-o", "{tmp}/out.onnx", "--trt-weight-groups", "2"),
           "--trt-weight-groups applies to --target tensorrt only"),
+    Fault("act-form-trt", "--act-quant-form with --target tensorrt",
+          ("export", "{model}", "-o", "{tmp}/out.onnx", "--target", "tensorrt",
+           "--act-quant-form", "qdq"),
+          "--act-quant-form applies to --target ort only (the TensorRT variant writes per-tensor "
+          "Q/DQ); drop it"),
     Fault("trt-groups-0", "no weight scale group",
           ("export", "{model}", "-o", "{tmp}/out.onnx", "--target", "tensorrt",
            "--trt-weight-groups", "0"),

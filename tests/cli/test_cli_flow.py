@@ -60,9 +60,11 @@ def test_export_with_plan_and_eval_onnx(capsys, model_dir, plan_dir, data_dir, t
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["bits"] == "W4A4"
-    # 8 quantized activations per layer (2 layers); every Q has its DQ, plus 6 weight DQ per layer
-    assert summary["QuantizeLinear nodes"] == 16
-    assert summary["DequantizeLinear nodes"] == 16 + 12
+    # 8 quantized activations per layer (2 layers): 7 per cluster, written as elementwise
+    # quantizers (one Round each), and attn_probs per tensor, a Q/DQ pair; 6 weight DQ per layer
+    assert summary["elementwise activation quantizers"] == 14
+    assert summary["QuantizeLinear nodes"] == 2
+    assert summary["DequantizeLinear nodes"] == 2 + 12
     assert out.exists()
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
     base = quick_eval_flags(data_dir)
@@ -96,7 +98,8 @@ def test_default_command_calibrates_and_exports(capsys, model_dir, calib_args, t
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["bits"] == "W4A4KV"
-    assert summary["QuantizeLinear nodes"] == 4
+    assert summary["elementwise activation quantizers"] == 4  # k and v of 2 layers, per cluster
+    assert summary["QuantizeLinear nodes"] == 0
     code = main([str(model_dir), "--wbits", "4", "-o", str(out), *calib_args])
     assert code == 1
     assert "--force" in capsys.readouterr().err

@@ -319,15 +319,26 @@ def test_docs_list_every_rule_with_a_source():
 @pytest.fixture(scope="module")
 def default_export(tiny_loaded, tiny_model) -> onnx.ModelProto:
     weights = {k: v.detach().numpy() for k, v in tiny_model.state_dict().items()}
-    return quantized_graph(tiny_loaded, random_plan(tiny_loaded.shape, weights))
+    plan = random_plan(tiny_loaded.shape, weights)
+    return quantized_graph(tiny_loaded, plan, act_quant_form="qdq")
 
 
 def test_default_ort_export_is_flagged(default_export):
-    """Per-cluster asymmetric activations and per-row INT4 weights are exactly what TRT rejects."""
+    """Per-cluster asymmetric activations and per-row INT4 weights are exactly what TRT rejects
+    (the ORT target's portable Q/DQ form; the float32 default's elementwise quantizers are plain
+    float ops to TensorRT, and its INT4 weights are flagged all the same)."""
     found = rule_ids(errors(check_model(default_export)))
     assert {"TRT-ZERO-POINT", "TRT-ACT-PER-TENSOR", "TRT-INT4-BLOCK"} <= found
     assert "ONNX-CHECKER" not in found
     assert check_model(default_export, target="ort") == []
+
+
+def test_elementwise_default_export_is_flagged_for_its_weights(tiny_loaded, tiny_model):
+    weights = {k: v.detach().numpy() for k, v in tiny_model.state_dict().items()}
+    model = quantized_graph(tiny_loaded, random_plan(tiny_loaded.shape, weights))
+    assert "Round" in {node.op_type for node in model.graph.node}
+    assert "TRT-INT4-BLOCK" in rule_ids(errors(check_model(model)))
+    assert check_model(model, target="ort") == []
 
 
 def test_fp16_fp_export_passes(fp16_graph):

@@ -70,17 +70,17 @@ CASES = {
 EXPECTED: dict[str, tuple[str, str, str]] = {
     "FP": ("4fe9e212ef133478", "620a5194ec7fe0a3", "9e425b023e408643"),
     "FP-fp16": ("b65470a11430a78f", "1a6cc5b0a0fadf76", "115745c0fab7b1e7"),
-    "GPTQ": ("eacb1b367e8a2d1e", "be6604b82b6ccd6f", "633d63cc4992f8f3"),
-    "GPTQT": ("8e900706a75fcf01", "4e623c077d48b721", "d0d26ee4b1f94a63"),
-    "GPTQT-LoRC8": ("f4cf400205d0f9c9", "6b0273fc4de2b53f", "ef727eca237c40f0"),
-    "LoRC": ("7f2209a10a0938f1", "78b9d4dd7926c462", "e59e4a8c85804bfc"),
-    "W3A3KV": ("f76b68a5bf43ccfc", "5d71749a9f959bd1", "1d8c7eba465e7337"),
+    "GPTQ": ("f18276da6ca6ae34", "1e59680b8b10a1eb", "3ed434488b86281b"),
+    "GPTQT": ("a4e851bcda179b7c", "05995b583908b2ba", "61dd9100ac32d451"),
+    "GPTQT-LoRC8": ("8302b4a52dae8107", "2da2b49a6e071737", "d468239313a0dbce"),
+    "LoRC": ("1af25fea3e23b32d", "e66a20aa14238a78", "8657f3302fcb6a4d"),
+    "W3A3KV": ("31286cc837e223f8", "5d71749a9f959bd1", "c450aafb3396148f"),
     "W4A16": ("a0bf949797bd0fb3", "8e0f8dad4cfb9d69", "357d62671a671bc9"),
-    "W4A4": ("eacb1b367e8a2d1e", "be6604b82b6ccd6f", "633d63cc4992f8f3"),
+    "W4A4": ("f18276da6ca6ae34", "1e59680b8b10a1eb", "3ed434488b86281b"),
     "W4A4-fp16": ("51bac3d26879d407", "ce994d5f96d4be3e", "13499d595250c0c6"),
-    "W4A4-groups": ("8978c024c76e12b4", "108b3598711fd99e", "a858ff0af502728c"),
-    "W4A4KV": ("02e1a6584c0a7b78", "f166c114a9286f19", "012f9471a8c93403"),
-    "W4A8": ("8fa6d3e515a3a14a", "63f59003867190e8", "d3f185053a3c200b"),
+    "W4A4-groups": ("040a8fb74eddb31d", "6bd040ae0fe10183", "bc4cdd09c13ee243"),
+    "W4A4KV": ("cd140f3c533a514b", "f166c114a9286f19", "ccc0704f89d04f2f"),
+    "W4A8": ("34c294e3ff967f6e", "e4b634013c421422", "333f4b02daff74c4"),
     "trt-W3A3KV-fp32": ("2fe5eeef36a4f1c9", "e57e2616bc2e209b", "f88053a396bc8ed1"),
     "trt-W4A16-int4": ("cb33d9258aa5d625", "108fe48eb4e2b390", "ce2fdc21f682bf3d"),
     "trt-W4A4-fp16": ("3171054357a7d483", "0a2690ec83496b81", "e5763af55c39ec47"),
@@ -112,7 +112,15 @@ def hash_plans(tiny_loaded):
 
 
 def export_digests(
-    loaded, plan, target, dtype, block, directory: Path, past: bool = False, cache: str = "float"
+    loaded,
+    plan,
+    target,
+    dtype,
+    block,
+    directory: Path,
+    past: bool = False,
+    cache: str = "float",
+    form: str = "auto",
 ) -> tuple[str, str, str]:
     """Digests of the streamed export (model, external data) and of the whole graph, inline."""
     streamed = directory / "streamed.onnx"
@@ -123,6 +131,7 @@ def export_digests(
         external_data=True,
         past=past,
         kv_cache_dtype=cache,
+        act_quant_form=form,
     )
     files = export_streamed(loaded, plan, streamed, options).files
     assert sorted(p.name for p in files) == ["streamed.onnx", "streamed.onnx.data"]
@@ -134,6 +143,7 @@ def export_digests(
         int4_block_size=block,
         past=past,
         kv_cache_dtype=cache,
+        act_quant_form=form,
     )
     inline = save_onnx(whole, directory / "whole.onnx", external_data=False)
     assert len(inline) == 1
@@ -170,8 +180,8 @@ PAST_CASES = {
 # the external data equals the prefill export's of the same plan: the same weights, in order
 PAST_EXPECTED: dict[str, tuple[str, str, str]] = {
     "past-FP": ("0f01d0724e5302ee", "620a5194ec7fe0a3", "2bfe956d9dacb8b5"),
-    "past-W4A4KV": ("e810cfe1d2adb01f", "f166c114a9286f19", "e521d1f6ed60d1f5"),
-    "past-W4A4KV-int8": ("5c4bed6191687283", "f166c114a9286f19", "a24c8e098e9c7390"),
+    "past-W4A4KV": ("dc344f9c4f498a46", "f166c114a9286f19", "e4c13f626ce1267e"),
+    "past-W4A4KV-int8": ("e3f08a0f8c1f08f2", "f166c114a9286f19", "04e52d10efa244b2"),
     "past-trt-W4A4-fp16": ("f0ecdd981b53deb3", "0a2690ec83496b81", "a96ed82f948e8a09"),
 }
 
@@ -192,3 +202,31 @@ def test_past_export_bytes_are_pinned(case, tiny_loaded, hash_plans, tmp_path):
         print(f'\n    "{case}": {got!r},')
         return
     assert got == PAST_EXPECTED[case], f"{case}: export bytes changed: {got}"
+
+
+# The per-axis Q/DQ form of the ONNX Runtime target (`act_quant_form="qdq"`, the default before
+# the elementwise quantizer): (plan, dtype, past, cache). Pinned to the bytes these exports had
+# when Q/DQ was the only form, so the portable form is exactly what it was.
+QDQ_CASES = {
+    "qdq-W4A8": ("W4A8", "float32", False, "float"),
+    "qdq-W4A4-fp16": ("W4A4", "float16", False, "float"),
+    "qdq-W3A3KV": ("W3A3KV", "float32", False, "float"),
+    "qdq-GPTQT-LoRC8": ("GPTQT-LoRC8", "float32", False, "float"),
+    "qdq-past-W4A4KV-int8": ("W4A4KV", "float32", True, "int8"),
+}
+QDQ_EXPECTED: dict[str, tuple[str, str, str]] = {
+    "qdq-W4A8": ("8fa6d3e515a3a14a", "63f59003867190e8", "d3f185053a3c200b"),
+    "qdq-W4A4-fp16": ("51bac3d26879d407", "ce994d5f96d4be3e", "13499d595250c0c6"),
+    "qdq-W3A3KV": ("f76b68a5bf43ccfc", "5d71749a9f959bd1", "1d8c7eba465e7337"),
+    "qdq-GPTQT-LoRC8": ("f4cf400205d0f9c9", "6b0273fc4de2b53f", "ef727eca237c40f0"),
+    "qdq-past-W4A4KV-int8": ("5c4bed6191687283", "f166c114a9286f19", "a24c8e098e9c7390"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QDQ_CASES))
+def test_qdq_form_bytes_are_pinned(case, tiny_loaded, hash_plans, tmp_path):
+    plan_label, dtype, past, cache = QDQ_CASES[case]
+    got = export_digests(
+        tiny_loaded, hash_plans[plan_label], "ort", dtype, 0, tmp_path, past, cache, form="qdq"
+    )
+    assert got == QDQ_EXPECTED[case], f"{case}: export bytes changed: {got}"

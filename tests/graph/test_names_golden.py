@@ -5,7 +5,8 @@ users and tools (TensorRT layer names, profiles, `--stop-after` dumps) find a la
 them, so a change must be deliberate. Each golden file lists one graph of the tiny model, in
 graph order: `node <op_type> <name>` per node, then `initializer <name>`, then the graph's
 inputs and outputs. The graphs cover the FP export, the default (ONNX Runtime) export with
-every activation quantized, GPTQT planes with int8 LoRC branches, and the TensorRT variant with
+every activation quantized (elementwise quantizers, and the per-axis Q/DQ form), GPTQT planes
+with int8 LoRC branches, and the TensorRT variant with
 INT4 blocked weights. Names do not depend on values, so the numpy-built plans of tests/plans.py
 (`stand_in_plans`) serve.
 
@@ -26,12 +27,13 @@ from rptq.workflow import quantized_graph
 from tests.plans import stand_in_plans
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
-# golden file stem -> (plan, target, dtype, int4 block)
+# golden file stem -> (plan, target, dtype, int4 block, activation quantizer form)
 GRAPHS = {
-    "names_fp": ("FP", "ort", "float32", 0),
-    "names_w4a4_ort": ("W4A4", "ort", "float32", 0),
-    "names_gptqt_lorc8_ort": ("GPTQT-LoRC8", "ort", "float32", 0),
-    "names_w4a4_trt_int4": ("W4A4", "trt", "float16", 64),
+    "names_fp": ("FP", "ort", "float32", 0, "elementwise"),
+    "names_w4a4_ort": ("W4A4", "ort", "float32", 0, "elementwise"),
+    "names_w4a4_ort_qdq": ("W4A4", "ort", "float32", 0, "qdq"),
+    "names_gptqt_lorc8_ort": ("GPTQT-LoRC8", "ort", "float32", 0, "elementwise"),
+    "names_w4a4_trt_int4": ("W4A4", "trt", "float16", 64, "elementwise"),
 }
 
 
@@ -52,9 +54,9 @@ def plans(tiny_loaded):
 
 @pytest.mark.parametrize("stem", sorted(GRAPHS))
 def test_graph_names_match_the_golden_file(stem, tiny_loaded, plans):
-    label, target, dtype, block = GRAPHS[stem]
+    label, target, dtype, block, form = GRAPHS[stem]
     model = quantized_graph(tiny_loaded, plans[label], dtype=dtype, target=target,
-                            int4_block_size=block)  # fmt: skip
+                            int4_block_size=block, act_quant_form=form)  # fmt: skip
     got = signature(model)
     path = GOLDEN / f"{stem}.txt"
     if os.environ.get("RPTQ_UPDATE_GOLDEN"):

@@ -62,13 +62,26 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("label", "graph"), KERNEL_CASES)
-def test_every_weight_runs_as_an_integer_matmul(label, graph, tiny_loaded, calibrate_tiny):
+# the portable per-axis Q/DQ form (--act-quant-form qdq) must fuse its weights too
+QDQ_FORM_CASES = [("W4A8", "prefill"), ("W3A3KV", "past"), ("W4A4KV", "past-int8")]
+
+
+@pytest.mark.parametrize(
+    ("label", "graph", "form"),
+    [(*case, "elementwise") for case in KERNEL_CASES] + [(*c, "qdq") for c in QDQ_FORM_CASES],
+)
+def test_every_weight_runs_as_an_integer_matmul(label, graph, form, tiny_loaded, calibrate_tiny):
     plan = calibrate_tiny(**RECIPES[label])
     options = GRAPHS[graph]
-    report = kernel_report(quantized_graph(tiny_loaded, plan, **options))
+    model = quantized_graph(tiny_loaded, plan, act_quant_form=form, **options)
+    report = kernel_report(model)
     left = set(report.float_weight_dequantize) - kept_on_purpose(plan)
     assert not left, f"{label}: ORT dequantizes these weights to float on every call: {left}"
+    if form == "elementwise":
+        # no activation quantizer falls back to ORT's element-by-element per-axis Q/DQ kernels
+        assert not report.per_axis_activation_qdq, report.per_axis_activation_qdq
+    else:  # negative control: the report sees the per-axis pairs the qdq form writes
+        assert report.per_axis_activation_qdq
     layers = tiny_loaded.shape.num_layers
     planes = max((q.binary.alpha.shape[1] for q in plan.weights if q.binary), default=1)
     # one integer MatMul per weight (per binary plane for GPTQT)

@@ -249,7 +249,7 @@ MODES = {
 def test_qdq_counts_follow_config(fp32_graph, make_plan, tiny_loaded, mode):
     options = MODES[mode]
     plan = make_plan(**options)
-    out, results = run_passes(fp32_graph, PassContext(plan))
+    out, results = run_passes(fp32_graph, PassContext(plan, act_quant_form="qdq"))
     layers = tiny_loaded.shape.num_layers
     acts = KV_ACTS if options.get("only_quant_kv") else QUANTIZED_ACTS
     weight_dq = 6 * layers if options["wbits"] < 16 else 0
@@ -274,7 +274,7 @@ def test_qdq_counts_follow_config(fp32_graph, make_plan, tiny_loaded, mode):
 
 def test_int16_container_when_zero_leaves_int8(fp32_graph, make_plan, tiny_batch):
     plan = make_plan(wbits=16, abits=8, wide_zero_acts=(Act.FFN_LN_OUT,))
-    out, _ = run_passes(fp32_graph, PassContext(plan))
+    out, _ = run_passes(fp32_graph, PassContext(plan, act_quant_form="qdq"))
     inits = _initializers(out)
     nodes = {n.name for n in out.graph.node}
     for layer in range(plan.model.shape["num_layers"]):
@@ -317,9 +317,36 @@ def _check_dq_equals_fake_quant(model: onnx.ModelProto, plan: QuantPlan, batch) 
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_dq_output_equals_fake_quant(fp32_graph, make_plan, tiny_batch, mode):
+def test_elementwise_counts_follow_config(fp32_graph, make_plan, tiny_loaded, mode):
+    """The float32 default: every per-cluster activation gets Div -> Round -> Max -> Min -> Mul
+    (rptq.passes.elementwise_quant), attn_probs (per tensor) keeps its Q/DQ pair."""
+    options = MODES[mode]
+    plan = make_plan(**options)
+    out, results = run_passes(fp32_graph, PassContext(plan))
+    layers = tiny_loaded.shape.num_layers
+    acts = KV_ACTS if options.get("only_quant_kv") else QUANTIZED_ACTS
+    per_cluster = [a for a in acts if a in SITE_OF]
+    weight_dq = 6 * layers if options["wbits"] < 16 else 0
+    ops = _ops(out)
+    per_tensor = (len(acts) - len(per_cluster)) * layers
+    assert ops["QuantizeLinear"] == per_tensor
+    assert ops["DequantizeLinear"] == per_tensor + weight_dq
+    assert ops["Round"] == ops["Div"] == len(per_cluster) * layers
+    assert results[1].counts["elementwise_quantizers"] == len(per_cluster) * layers
+    nodes = {n.name for n in out.graph.node}
+    for layer in range(layers):
+        for act in per_cluster:
+            quant = names.act_quant(names.act_tensor(layer, act))
+            keys = ("div_node", "round_node", "max_node", "min_node", "mul_node")
+            assert {quant[key] for key in keys} <= nodes
+    onnx.checker.check_model(out, full_check=True)
+
+
+@pytest.mark.parametrize("form", ["elementwise", "qdq"])
+@pytest.mark.parametrize("mode", MODES)
+def test_dq_output_equals_fake_quant(fp32_graph, make_plan, tiny_batch, mode, form):
     plan = make_plan(**MODES[mode])
-    out, _ = run_passes(fp32_graph, PassContext(plan))
+    out, _ = run_passes(fp32_graph, PassContext(plan, act_quant_form=form))
     assert _check_dq_equals_fake_quant(out, plan, tiny_batch) == len(plan.acts)
 
 
@@ -470,7 +497,8 @@ def test_pipeline_keeps_opset_metadata_and_input(fp32_graph, make_plan):
 
 def test_stop_after(fp32_graph, make_plan):
     plan = make_plan(wbits=4, abits=4)
-    out, results = run_passes(fp32_graph, PassContext(plan), stop_after="insert_act_qdq")
+    ctx = PassContext(plan, act_quant_form="qdq")
+    out, results = run_passes(fp32_graph, ctx, stop_after="insert_act_qdq")
     assert [r.name for r in results] == ["fold_reorder", "insert_act_qdq"]
     assert _ops(out)["DequantizeLinear"] == len(plan.acts)
     with pytest.raises(ConfigError, match="fold_reorder"):
