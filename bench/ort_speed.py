@@ -1,8 +1,11 @@
 """ONNX Runtime CPU speed of rptq's graphs next to FP32 and ORT's own quantizers (issue 12).
 
 Rows: rptq's FP32 and FP16 exports, the default-target recipes (W4A16, W4A8, W4A4, W4A4KV,
-W3A3KV), the TensorRT variant (W8A8, W4A8) run in ORT, and ORT's own `quantize_dynamic` (W8A8
-dynamic) and `MatMulNBitsQuantizer` (W4, block 32) applied to rptq's FP32 export. Columns:
+W3A3KV; W4A8 also with `--act-quant-form qdq`, the per-axis Q/DQ form), the TensorRT variant
+(W8A8, W4A8) run in ORT, and ORT's own `quantize_dynamic` (W8A8 dynamic) and
+`MatMulNBitsQuantizer` (W4, block 32) applied to rptq's FP32 export; W4A16/W4A8 with weight
+scales per 32 input channels (`--weight-group-size 32`, the peer's block) only when `--recipes`
+names them ("W4A16 g32", "W4A8 g32"). Columns:
 median latency of a batch-1 512-token prefill (empty KV cache) and of a decode step (1 token on
 the 512-token cache the prefill returned; rptq.runtime.decode), the KV cache's bytes per token,
 peak RSS of the process that creates the session and runs it, file size, logit SQNR against
@@ -26,7 +29,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,13 +53,21 @@ _W4A4KV = ["--wbits", "4", "--abits", "4", "--only-quant-kv"]
 RECIPES: dict[str, list[str]] = {
     "W4A16": ["--wbits", "4"],
     "W4A8": ["--wbits", "4", "--abits", "8"],
+    # the portable per-axis Q/DQ form of the same recipe (rptq's only form before issue 12)
+    "W4A8, per-axis QDQ": ["--wbits", "4", "--abits", "8", "--act-quant-form", "qdq"],
     "W4A4": ["--wbits", "4", "--abits", "4"],
     "W4A4KV": _W4A4KV,
     "W4A4KV, int8 cache": [*_W4A4KV, "--kv-cache-dtype", "int8"],
     "W3A3KV": ["--wbits", "3", "--abits", "3", "--only-quant-kv"],
     "W8A8 tensorrt": ["--wbits", "8", "--abits", "8", "--target", "tensorrt"],
     "W4A8 tensorrt": ["--wbits", "4", "--abits", "8", "--target", "tensorrt"],
+    # weight scales per 32 input channels, as ORT's MatMulNBitsQuantizer row (equal footing on
+    # SQNR); not in the default run (--recipes names them)
+    "W4A16 g32": ["--wbits", "4", "--weight-group-size", "32"],
+    "W4A8 g32": ["--wbits", "4", "--abits", "8", "--weight-group-size", "32"],
 }
+# built only when --recipes names them
+OPT_IN = ("W4A16 g32", "W4A8 g32")
 # measured again at MatMulNBits accuracy level 4 (int8 activations per block: faster prefill,
 # but no longer the graph's arithmetic)
 LEVEL4 = ("W4A16", "W4A4")
@@ -185,6 +196,7 @@ class Row:
     kernels: dict | None = None
     peak_rss: int = 0
     error: str = ""
+    rounds: list[dict] = field(default_factory=list)  # one timing result per round
 
 
 def _sub(args: argparse.Namespace, name: str, cmd: list[str], env_repo: Path | None = None):
@@ -243,7 +255,10 @@ def build_rows(args: argparse.Namespace, size: str) -> list[Row]:
 
     rows.append(export("FP32", ["export", str(model)]))
     rows.append(export("FP16", ["export", str(model), "--dtype", "float16"]))
+    wanted = args.recipes.split(",") if args.recipes else [r for r in RECIPES if r not in OPT_IN]
     for label, flags in RECIPES.items():
+        if label not in wanted:
+            continue
         rows.append(export(label, ["run", str(model), *flags, *calib]))
         if label in LEVEL4 and rows[-1].path is not None:
             rows.append(
@@ -286,57 +301,90 @@ def build_rows(args: argparse.Namespace, size: str) -> list[Row]:
 
 
 def measure(args: argparse.Namespace, tag: str, rows: list[Row]) -> None:
-    """Time every row (FP32 first: its logits are the SQNR reference), then read its kernels."""
+    """Time every row (FP32 first: its logits are the SQNR reference), then read its kernels.
+
+    With `--rounds N` the whole row sequence is timed N times over: the host's speed drifts
+    by tens of percent over minutes, so each row's ratio to FP32 is taken within a round and
+    the table shows the median over rounds (latencies likewise)."""
     ref = args.work_dir / tag / "time-0.npy"  # the FP32 row's prefill logits
-    for i, row in enumerate(rows):
-        if row.path is None:
-            continue
-        out = args.work_dir / tag / f"time-{i}.json"
-        if args.rows and row.label not in args.rows.split(","):
-            row.error = "not run this time (--rows)"
-            if not (args.reuse and out.exists()):
+    for rnd in range(args.rounds):
+        for i, row in enumerate(rows):
+            if row.path is None:
                 continue
-        if args.reuse and out.exists():  # an earlier run's measurement of the same file
-            row.result = json.loads(out.read_text())
-            row.peak_rss = row.result.get("peak_rss_bytes", 0)
-            kout = args.work_dir / tag / f"kernels-{i}.json"
-            row.kernels = json.loads(kout.read_text()) if kout.exists() else None
-            continue
-        _log(f"{tag}: timing {row.label}")
-        measured = _sub(
-            args,
-            f"{tag}-time-{i}",
-            [
-                PYTHON,
-                SCRIPT,
-                "time",
-                str(row.path),
-                "--threads",
-                str(args.threads),
-                "--repeats",
-                str(args.repeats),
-                "--level",
-                str(row.level),
-                "--out",
-                str(out),
-            ],
-            env_repo=REPO,
-        )
-        if not measured.ok:
-            row.error = measured.error_line()
-            continue
-        row.result, row.peak_rss = json.loads(out.read_text()), measured.peak_rss_bytes
-        row.result["sqnr_db"] = _sqnr_db(out.with_suffix(".npy"), ref) if i else None
-        out.write_text(json.dumps(row.result))
-        if row.level == 1 and (args.kernels == "all" or row.label in args.kernels.split(",")):
-            kout = args.work_dir / tag / f"kernels-{i}.json"
-            if _sub(
-                args,
-                f"{tag}-kernels-{i}",
-                [PYTHON, SCRIPT, "kernels", str(row.path), "--out", str(kout)],
-                env_repo=REPO,
-            ).ok:
-                row.kernels = json.loads(kout.read_text())
+            suffix = "" if rnd == 0 else f"-round{rnd}"
+            out = args.work_dir / tag / f"time-{i}{suffix}.json"
+            if args.rows and row.label not in args.rows.split(","):
+                row.error = "not run this time (--rows)"
+                if not (args.reuse and out.exists()):
+                    continue
+            if args.reuse and out.exists():  # an earlier run's measurement of the same file
+                row.rounds.append(json.loads(out.read_text()))
+                row.peak_rss = max(row.peak_rss, row.rounds[-1].get("peak_rss_bytes", 0))
+                kout = args.work_dir / tag / f"kernels-{i}.json"
+                row.kernels = json.loads(kout.read_text()) if kout.exists() else None
+                continue
+            _log(f"{tag}: timing {row.label}" + (f" (round {rnd + 1})" if args.rounds > 1 else ""))
+            if not _time_row(args, tag, i, row, out, ref):
+                continue
+            wanted = args.kernels == "all" or row.label in args.kernels.split(",")
+            if rnd == 0 and row.level == 1 and wanted:
+                _count_kernels(args, tag, i, row)
+    for row in rows:
+        _combine_rounds(row, rows[0])
+
+
+def _time_row(args: argparse.Namespace, tag: str, i: int, row: Row, out: Path, ref: Path) -> bool:
+    """One timing worker for one row; appends its result to `row.rounds`."""
+    measured = _sub(
+        args,
+        f"{tag}-{out.stem}",
+        [
+            PYTHON,
+            SCRIPT,
+            "time",
+            str(row.path),
+            "--threads",
+            str(args.threads),
+            "--repeats",
+            str(args.repeats),
+            "--level",
+            str(row.level),
+            "--out",
+            str(out),
+        ],
+        env_repo=REPO,
+    )
+    if not measured.ok:
+        row.error = measured.error_line()
+        return False
+    result = json.loads(out.read_text())
+    result["sqnr_db"] = _sqnr_db(out.with_suffix(".npy"), ref) if i else None
+    result["peak_rss_bytes"] = measured.peak_rss_bytes
+    out.write_text(json.dumps(result))
+    row.rounds.append(result)
+    row.peak_rss = max(row.peak_rss, measured.peak_rss_bytes)
+    return True
+
+
+def _count_kernels(args: argparse.Namespace, tag: str, i: int, row: Row) -> None:
+    kout = args.work_dir / tag / f"kernels-{i}.json"
+    command = [PYTHON, SCRIPT, "kernels", str(row.path), "--out", str(kout)]
+    if _sub(args, f"{tag}-kernels-{i}", command, env_repo=REPO).ok:
+        row.kernels = json.loads(kout.read_text())
+
+
+def _combine_rounds(row: Row, fp: Row) -> None:
+    """`row.result`: the first round's fields, with latencies and their ratios to FP32 as
+    medians over the rounds (a ratio is taken within a round, against that round's FP32)."""
+    if not row.rounds:
+        return
+    row.result = dict(row.rounds[0])
+    for key in ("prefill_ms", "decode_ms"):
+        row.result[key] = statistics.median(r[key] for r in row.rounds)
+        pairs = list(zip(row.rounds, fp.rounds, strict=False))
+        if pairs:
+            row.result[f"{key}_ratio"] = statistics.median(r[key] / f[key] for r, f in pairs)
+    row.result["rounds"] = len(row.rounds)
 
 
 def _sqnr_db(logits_file: Path, ref_file: Path) -> float | None:
@@ -374,6 +422,8 @@ def table(tag: str, rows: list[Row]) -> str:
         r = row.result
 
         def ratio(key: str, r: dict = r) -> str:
+            if f"{key}_ratio" in r:
+                return f"{r[key + '_ratio']:.2f}"
             return f"{r[key] / base[key]:.2f}" if base.get(key) else ""
 
         rss_ratio = f"{row.peak_rss / fp.peak_rss:.2f}" if fp.peak_rss and row.peak_rss else ""
@@ -416,7 +466,15 @@ def _body(
             f"{args.repeats} runs of {PREFILL_TOKENS} tokens after a warm-up, on an empty KV "
             "cache; decode step: 1 token on the prefill's 512-token cache, median of "
             f"{args.repeats * 4}; peak RSS: the whole worker process (Python, ORT, session "
-            "creation, runs); SQNR: logits of the same 512 tokens against the FP32 export.",
+            "creation, runs); SQNR: logits of the same 512 tokens against the FP32 export."
+            + (
+                f" The whole row sequence was timed {args.rounds} times in turn: latencies are "
+                "medians over the rounds, and each x FP32 is the median of the ratios taken "
+                "within a round (the host's speed drifts over minutes); peak RSS is the "
+                "largest of the rounds."
+                if args.rounds > 1
+                else ""
+            ),
             f"- calibration for the quantized rows: c4-sample, {args.nsamples} windows of "
             f"{args.seq_len} tokens, RTN weights, default clusters (speed does not depend on "
             "them).",
@@ -462,6 +520,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rows", default="", help="time only these rows (labels, comma-separated)")
     parser.add_argument(
+        "--recipes", default="", help="build only these rptq recipes (labels; default: all)"
+    )
+    parser.add_argument("--section", default="ort_speed", help="bench/RESULTS.md section")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="time the whole row sequence this many times"
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="keep timings an earlier run left in --work-dir"
     )
     parser.add_argument("--keep", action="store_true", help="keep the models and graphs")
@@ -495,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(table(name, rows))
         print(sections[-1], flush=True)
         if not args.no_write:  # after each size, so a long run keeps what it measured
-            write_section("ort_speed", _body(args, argv, started, load_before, sections))
+            write_section(args.section, _body(args, argv, started, load_before, sections))
     if not args.keep:
         shutil.rmtree(args.work_dir, ignore_errors=True)
     return 0
