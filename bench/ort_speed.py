@@ -453,9 +453,12 @@ def _body(
     """The RESULTS.md section: context lines, then one table per model size."""
     minutes = (time.perf_counter() - started) / 60
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    title = "## ONNX Runtime CPU speed of the quantized graphs (bench/ort_speed.py, issue 12)"
+    if args.recipes:
+        title += f": {args.recipes.replace(',', ', ')} against FP32 and ORT's quantizers"
     return "\n".join(
         [
-            "## ONNX Runtime CPU speed of the quantized graphs (bench/ort_speed.py, issue 12)",
+            title,
             "",
             *machine_lines(),
             f"- load average when the run started: {load}",
