@@ -230,17 +230,7 @@ def _apply(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: np.dty
     )
     if edit.clip is not None:
         if edit.clip[0].dtype != codes.dtype:
-            widened = gs.Variable(n["widened"], dtype=edit.clip[0].dtype, shape=shape)
-            graph.nodes.append(
-                gs.Node(
-                    "Cast",
-                    name=n["widen_node"],
-                    attrs={"to": _onnx_type(edit.clip[0].dtype)},
-                    inputs=[codes],
-                    outputs=[widened],
-                )
-            )
-            codes = widened
+            codes = _add_cast(graph, codes, edit.clip[0].dtype, n["widened"], n["widen_node"])
         clipped = gs.Variable(n["clipped"], dtype=codes.dtype, shape=shape)
         low = gs.Constant(n["clip_min"], edit.clip[0])
         high = gs.Constant(n["clip_max"], edit.clip[1])
@@ -249,17 +239,7 @@ def _apply(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: np.dty
         )
         codes = clipped
     if codes.dtype != cache_type:
-        narrowed = gs.Variable(n["narrowed"], dtype=cache_type, shape=shape)
-        graph.nodes.append(
-            gs.Node(
-                "Cast",
-                name=n["narrow_node"],
-                attrs={"to": _onnx_type(cache_type)},
-                inputs=[codes],
-                outputs=[narrowed],
-            )
-        )
-        codes = narrowed
+        codes = _add_cast(graph, codes, cache_type, n["narrowed"], n["narrow_node"])
     _carry_codes(graph, edit, codes, cache_type, dtype)
 
 
@@ -273,16 +253,7 @@ def _apply_codes(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: 
     graph.nodes.append(
         gs.Node("Add", name=n["offset_node"], inputs=[edit.source, offset], outputs=[shifted])
     )
-    codes = gs.Variable(n["narrowed"], dtype=cache_type, shape=shape)
-    graph.nodes.append(
-        gs.Node(
-            "Cast",
-            name=n["narrow_node"],
-            attrs={"to": _onnx_type(cache_type)},
-            inputs=[shifted],
-            outputs=[codes],
-        )
-    )
+    codes = _add_cast(graph, shifted, cache_type, n["narrowed"], n["narrow_node"])
     _carry_codes(graph, edit, codes, cache_type, dtype)
 
 
@@ -325,6 +296,18 @@ def _carry_codes(
         )
     )
     rewire_consumers(consumers, edit.present, dequantized)
+
+
+def _add_cast(
+    graph: gs.Graph, source: gs.Variable, dtype: np.dtype, name: str, node_name: str
+) -> gs.Variable:
+    """Append `Cast(source) -> name` in `dtype` (same shape) and return the new tensor."""
+    cast = gs.Variable(name, dtype=dtype, shape=source.shape)
+    attrs = {"to": _onnx_type(dtype)}
+    graph.nodes.append(
+        gs.Node("Cast", name=node_name, attrs=attrs, inputs=[source], outputs=[cast])
+    )
+    return cast
 
 
 def _onnx_type(dtype: np.dtype) -> int:
