@@ -8,7 +8,10 @@ tests/parity): logit SQNR in dB (higher is better) and KL(P_fp || P_q) of the ne
 distribution in nats (lower is better). Everything runs in one process, one row at a time.
 
 Models: `outlier` is a random OPT (OPT vocabulary) whose LayerNorms get OPT-like outlier
-channels (rptq/outliers.py); `plain` is the same random OPT without them; `--model DIR` adds a
+channels (rptq/outliers.py); `outlier-balanced` is that model with the weights that read the
+outlier channels scaled so that they carry half of each linear's input energy (`outlier_share`,
+rptq/outliers.py: otherwise they carry 86-95 % and the ordinary channels hardly matter); `plain` is
+the same random OPT without outliers; `--model DIR` adds a
 checkpoint (the trained tiny LM of bench/train_tiny_lm.py when it exists).
 
     python bench/act_metrics.py                                  # writes RESULTS.md
@@ -43,6 +46,7 @@ GRANULARITIES = ("tensor", "cluster", "channel")
 # The issue's outlier model: hidden 256, 4 layers, 8 heads, OPT vocabulary.
 RANDOM_SHAPE = {"num_layers": 4, "hidden_size": 256, "num_heads": 8, "ffn_dim": 1024,
                 "vocab_size": 50272, "max_positions": 512, "weight_std": 0.05}
+BALANCED_SHARE = 0.5  # `outlier-balanced`: the outlier channels' share of a linear's input energy
 
 
 def _log(message: str) -> None:
@@ -56,6 +60,9 @@ def _load(name: str, args: argparse.Namespace):  # noqa: ANN202 (LoadedModel)
 
     if name == "outlier":
         return from_module(make_outlier_opt(**RANDOM_SHAPE), "random-opt-outliers")
+    if name == "outlier-balanced":
+        model = make_outlier_opt(outlier_share=BALANCED_SHARE, **RANDOM_SHAPE)
+        return from_module(model, "random-opt-outliers-balanced")
     if name == "plain":
         return from_module(make_tiny_opt(**RANDOM_SHAPE), "random-opt")
     return load_model(name)
@@ -124,7 +131,9 @@ def render(result: dict[str, object], args: argparse.Namespace, command: str, wa
         "better)",
         "- `outlier`: random OPT (4 layers, hidden 256, 8 heads, ffn 1024, OPT vocabulary, "
         "weights N(0, 0.05)) with 6 outlier channels in every decoder LayerNorm (gamma x25, "
-        "beta +12.5; rptq/outliers.py); `plain`: the same model without them",
+        "beta +12.5; rptq/outliers.py); `outlier-balanced`: that model with the weight columns "
+        f"reading the outlier channels scaled so that they carry {BALANCED_SHARE:.0%} of each "
+        "linear's input energy (`outlier_share`); `plain`: the same model without outliers",
         "",
     ]
     for model_name in args.models:

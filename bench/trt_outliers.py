@@ -57,6 +57,11 @@ MODELS = {  # make_outlier_opt fields
                 "vocab_size": 50272, "max_positions": 512, "weight_std": 0.05},
     "outlier-1024": {"num_layers": 2, "hidden_size": 1024, "num_heads": 16, "ffn_dim": 4096,
                      "vocab_size": 50272, "max_positions": 512, "weight_std": 0.05},
+    # `outlier` with its outlier channels carrying half of each reader's input energy
+    # (rptq/outliers.py, outlier_share): the ordinary channels matter too
+    "outlier-balanced": {"num_layers": 4, "hidden_size": 256, "num_heads": 8, "ffn_dim": 1024,
+                         "vocab_size": 50272, "max_positions": 512, "weight_std": 0.05,
+                         "outlier_share": 0.5},
 }
 LATENCY_MODEL = {"num_layers": 2, "hidden_size": 1024, "num_heads": 16, "ffn_dim": 4096,
                  "vocab_size": 512, "max_positions": 512, "weight_std": 0.05}
@@ -258,6 +263,8 @@ def render(data: dict[str, object], args: argparse.Namespace, command: str, wall
         "- models: random OPTs with 6 outlier channels in every decoder LayerNorm (gamma x25, "
         "beta +12.5; rptq/outliers.py), OPT vocabulary: "
         + "; ".join(f"`{m}` {MODELS[m]['num_layers']} layers, hidden {MODELS[m]['hidden_size']}"
+                    + (f", outlier share {MODELS[m]['outlier_share']:.0%} of the readers' input "
+                       "energy" if "outlier_share" in MODELS[m] else "")
                     for m in args.models if m in MODELS),
         "",
     ]

@@ -12,12 +12,12 @@ VOCAB = 512
 OutlierCase = tuple[LoadedModel, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def make_outlier_case() -> OutlierCase:
-    """A 2-layer random OPT (hidden 64, weights N(0, 0.05)) with 6 outlier channels, 16
-    calibration and 8 evaluation windows of random tokens, and the FP logits of the latter."""
-    model = from_module(
-        make_outlier_opt(hidden_size=64, num_layers=2, ffn_dim=256, weight_std=0.05), "outliers"
-    )
+def make_outlier_case(outlier_share: float | None = None) -> OutlierCase:
+    """A 2-layer random OPT (hidden 64, weights N(0, 0.05)) with 6 outlier channels (their
+    readers balanced to `outlier_share` when given, rptq/outliers.py), 16 calibration and 8
+    evaluation windows of random tokens, and the FP logits of the latter."""
+    shape = {"hidden_size": 64, "num_layers": 2, "ffn_dim": 256, "weight_std": 0.05}
+    model = from_module(make_outlier_opt(outlier_share=outlier_share, **shape), "outliers")
     generator = torch.Generator().manual_seed(1)
     calib = torch.randint(0, VOCAB, (16, SEQ_LEN), generator=generator)
     evals = torch.randint(0, VOCAB, (8, SEQ_LEN), generator=generator)
