@@ -191,7 +191,7 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "elementwise", "qdq"],
         default=None,
         help="ONNX Runtime target: write per-cluster activation quantizers as elementwise "
-        "Div/Round/Max/Min/Mul (ORT's CPU provider runs per-axis Q/DQ ~50x slower) or as "
+        "Div/Round/Max/Min/Mul (ORT's CPU provider runs per-axis Q/DQ 30-50x slower) or as "
         "per-axis QuantizeLinear/DequantizeLinear pairs (portable QDQ, for execution providers "
         "that consume them); both compute the same values. auto (default): elementwise for "
         "float32, qdq for float16",

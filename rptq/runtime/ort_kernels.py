@@ -34,7 +34,7 @@ class KernelReport:
     op_counts: dict[str, int]
     float_weight_dequantize: tuple[str, ...]  # DQ nodes whose codes are an initializer
     # Q/DQ nodes on an activation with a scale per channel: ORT's CPU provider runs these
-    # element by element, about 50x slower than per tensor (rptq.passes.elementwise_quant)
+    # element by element, 30-50x slower than per tensor (rptq.passes.elementwise_quant)
     per_axis_activation_qdq: tuple[str, ...] = ()
 
     @property
