@@ -27,10 +27,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
-from onnx import TensorProto
 
 from rptq import names
-from rptq.passes.graph_ops import rewire_consumers
+from rptq.passes.graph_ops import add_cast, rewire_consumers
 from rptq.quant.qparams import grid_bounds
 
 _FLOAT32 = np.dtype(np.float32)
@@ -68,9 +67,7 @@ def insert_elementwise(
     wide = np.dtype(dtype) != _FLOAT32
     x: gs.Variable = source
     if wide:
-        x = gs.Variable(n["float32_input"], dtype=_FLOAT32, shape=shape)
-        cast = gs.Node("Cast", n["cast_in_node"], {"to": TensorProto.FLOAT}, [source], [x])
-        graph.nodes.append(cast)
+        x = add_cast(graph, source, _FLOAT32, n["float32_input"], n["cast_in_node"])
     steps: list[tuple[str, str, str, list[gs.Tensor]]] = [
         ("Div", "div_node", "scaled", [scale32]),
         ("Round", "round_node", "rounded", []),
@@ -86,8 +83,5 @@ def insert_elementwise(
     graph.nodes.append(gs.Node("Mul", n["mul_node"], inputs=[x, scale32], outputs=[product]))
     dequantized = product
     if wide:
-        dequantized = gs.Variable(n["dequantized"], dtype=dtype, shape=shape)
-        to = TensorProto.FLOAT16
-        cast = gs.Node("Cast", n["cast_out_node"], {"to": to}, [product], [dequantized])
-        graph.nodes.append(cast)
+        dequantized = add_cast(graph, product, dtype, n["dequantized"], n["cast_out_node"])
     rewire_consumers(consumers, source, dequantized)

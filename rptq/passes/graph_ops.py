@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
 from numpy.typing import NDArray
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from rptq import names
@@ -124,6 +124,23 @@ def rewire_consumers(consumers: list[gs.Node], source: gs.Tensor, target: gs.Ten
         for slot, tensor in enumerate(consumer.inputs):
             if tensor is source:
                 consumer.inputs[slot] = target
+
+
+def onnx_type(dtype: np.dtype) -> int:
+    """The ONNX TensorProto element type of a numpy dtype (a Cast's `to`)."""
+    return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+
+def add_cast(
+    graph: gs.Graph, source: gs.Variable, dtype: np.dtype, name: str, node_name: str
+) -> gs.Variable:
+    """Append `Cast(source) -> name` in `dtype` (same shape) and return the new tensor."""
+    cast = gs.Variable(name, dtype=dtype, shape=source.shape)
+    attrs = {"to": onnx_type(dtype)}
+    graph.nodes.append(
+        gs.Node("Cast", name=node_name, attrs=attrs, inputs=[source], outputs=[cast])
+    )
+    return cast
 
 
 def packed_constant(name: str, array: NDArray[np.generic]) -> gs.Constant:

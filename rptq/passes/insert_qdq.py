@@ -211,9 +211,11 @@ def insert_act_qdq(graph: gs.Graph, ctx: PassContext) -> PassResult:
     index = GraphIndex(graph)
     folded = folded_sites(graph)
     items = [_prepare(index, plan, quant, dtype, folded) for quant in plan.acts]
+    # per-tensor activations keep their Q/DQ pair in both forms (module docstring)
     per_axis_elementwise = elementwise_form(ctx.act_quant_form, dtype)
-    elementwise = [item for item in items if per_axis_elementwise and item.axis is not None]
-    pairs = [item for item in items if not (per_axis_elementwise and item.axis is not None)]
+    as_elementwise = [per_axis_elementwise and item.axis is not None for item in items]
+    elementwise = [item for item, flag in zip(items, as_elementwise, strict=True) if flag]
+    pairs = [item for item, flag in zip(items, as_elementwise, strict=True) if not flag]
     clamps = sum(_insert(graph, item, dtype) for item in pairs)
     for item in elementwise:
         insert_elementwise(graph, item.tensor, item.scale, item.zero, item.bits, dtype)

@@ -29,7 +29,13 @@ from numpy.typing import NDArray
 from rptq import names
 from rptq.errors import ConfigError, GraphPatternError
 from rptq.passes.context import PassContext, PassResult
-from rptq.passes.graph_ops import GraphIndex, graph_float_dtype, rewire_consumers
+from rptq.passes.graph_ops import (
+    GraphIndex,
+    add_cast,
+    graph_float_dtype,
+    onnx_type,
+    rewire_consumers,
+)
 from rptq.plan import ActQuant, QuantPlan
 from rptq.points import Act
 from rptq.quant.qparams import grid_bounds
@@ -230,7 +236,7 @@ def _apply(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: np.dty
     )
     if edit.clip is not None:
         if edit.clip[0].dtype != codes.dtype:
-            codes = _add_cast(graph, codes, edit.clip[0].dtype, n["widened"], n["widen_node"])
+            codes = add_cast(graph, codes, edit.clip[0].dtype, n["widened"], n["widen_node"])
         clipped = gs.Variable(n["clipped"], dtype=codes.dtype, shape=shape)
         low = gs.Constant(n["clip_min"], edit.clip[0])
         high = gs.Constant(n["clip_max"], edit.clip[1])
@@ -239,7 +245,7 @@ def _apply(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: np.dty
         )
         codes = clipped
     if codes.dtype != cache_type:
-        codes = _add_cast(graph, codes, cache_type, n["narrowed"], n["narrow_node"])
+        codes = add_cast(graph, codes, cache_type, n["narrowed"], n["narrow_node"])
     _carry_codes(graph, edit, codes, cache_type, dtype)
 
 
@@ -253,7 +259,7 @@ def _apply_codes(graph: gs.Graph, edit: CacheEdit, cache_type: np.dtype, dtype: 
     graph.nodes.append(
         gs.Node("Add", name=n["offset_node"], inputs=[edit.source, offset], outputs=[shifted])
     )
-    codes = _add_cast(graph, shifted, cache_type, n["narrowed"], n["narrow_node"])
+    codes = add_cast(graph, shifted, cache_type, n["narrowed"], n["narrow_node"])
     _carry_codes(graph, edit, codes, cache_type, dtype)
 
 
@@ -274,7 +280,7 @@ def _carry_codes(
         gs.Node(
             "Cast",
             name=n["cast_node"],
-            attrs={"to": _onnx_type(dtype)},
+            attrs={"to": onnx_type(dtype)},
             inputs=[edit.present],
             outputs=[wide],
         )
@@ -296,24 +302,6 @@ def _carry_codes(
         )
     )
     rewire_consumers(consumers, edit.present, dequantized)
-
-
-def _add_cast(
-    graph: gs.Graph, source: gs.Variable, dtype: np.dtype, name: str, node_name: str
-) -> gs.Variable:
-    """Append `Cast(source) -> name` in `dtype` (same shape) and return the new tensor."""
-    cast = gs.Variable(name, dtype=dtype, shape=source.shape)
-    attrs = {"to": _onnx_type(dtype)}
-    graph.nodes.append(
-        gs.Node("Cast", name=node_name, attrs=attrs, inputs=[source], outputs=[cast])
-    )
-    return cast
-
-
-def _onnx_type(dtype: np.dtype) -> int:
-    from onnx import helper
-
-    return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
 def quantize_kv_cache(graph: gs.Graph, ctx: PassContext) -> PassResult:
