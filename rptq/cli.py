@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -361,6 +363,30 @@ def _emit(summary: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
+class _InterruptWatch:
+    """Remembers a Ctrl-C while a command runs. A SIGINT that lands inside a library's native
+    call can come back as that library's own error (safetensors' reader turns it into a
+    TypeError, which rptq reports as an unreadable checkpoint), so the exit code is decided by
+    whether SIGINT arrived, not by which exception surfaced."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _InterruptWatch:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `rptq-export` with `argv`; the exit code: 0 ok, 1 user error, 2 usage, 130 Ctrl-C."""
     parser = build_parser()
@@ -373,13 +399,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rptq import commands
 
     handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
-    try:
-        summary = handler(args)
-    except RptqError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with _InterruptWatch() as watch:
+        try:
+            summary = handler(args)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if watch.seen:  # an interrupt a library reported as its own error
+                print("interrupted", file=sys.stderr)
+                return 130
+            if not isinstance(exc, RptqError):
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     _emit(summary, args.json)
     return 1 if summary.get("status") == "fail" else 0  # a failed `check`

@@ -111,3 +111,25 @@ def test_unwritable_destination(model_dir, tmp_path, capsys):
         assert names(locked) == []
     finally:
         locked.chmod(0o700)
+
+
+def test_interrupt_reported_as_a_library_error_still_exits_130(monkeypatch, tmp_path, capsys):
+    """A SIGINT inside a native call can surface as another error (safetensors' reader turned
+    one into a TypeError that rptq reported as an unreadable checkpoint, exit 1): the exit code
+    follows the signal."""
+    from rptq import cli, commands
+    from rptq.errors import ModelError
+
+    def interrupted_read(_args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+        except KeyboardInterrupt:
+            raise ModelError("cannot read x from y (...): re-download the checkpoint") from None
+        raise AssertionError("SIGINT was not delivered")
+
+    monkeypatch.setattr(commands, "cmd_export", interrupted_read)
+    code = cli.main(["export", str(tmp_path / "model"), "-o", str(tmp_path / "out.onnx")])
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
